@@ -1,0 +1,507 @@
+"""The asyncio client: ``AsyncServiceClient`` and ``AsyncTrainingClient``.
+
+::
+
+    async with AsyncServiceClient("localhost:50051") as service:
+        tc = await service.create_training_client(base_model="tiny-llama", lora_rank=16)
+        fb = tc.forward_backward_custom(datums, loss_fn)   # sequence number taken now
+        op = tc.optim_step(AdamParams(learning_rate=1e-4))
+        out = await fb
+        step = await op
+
+Training-client methods are plain (not ``async``) methods: each takes the session's next
+sequence number at the moment it is called, starts the RPC as a task on the running
+loop, and returns an :class:`APIFuture`. The server runs a session's calls in sequence
+order, so submitting several calls before awaiting any is correct, and is the fast
+pattern. aio objects belong to the loop that made them: create and use a client on one
+loop (the sync facade runs that loop in a background thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from trainer_client._config import ClientConfig
+from trainer_client._errors import (
+    LossFunctionError,
+    PreviousCallFailedError,
+    ProtocolError,
+    UnavailableError,
+    from_grpc_error,
+    from_status,
+)
+from trainer_client._futures import APIFuture
+from trainer_client._types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    ForwardOutput,
+    LossFn,
+    OptimStepResult,
+    ServerInfo,
+)
+from trainer_proto import options, pb, pb_grpc, wire
+
+__all__ = ["AsyncServiceClient", "AsyncTrainingClient"]
+
+T = TypeVar("T")
+
+_WIRE_DTYPES = {"float32": pb.DATA_TYPE_FLOAT32, "bfloat16": pb.DATA_TYPE_BFLOAT16}
+
+
+def _wire_dtype(name: str) -> pb.DataType.ValueType:
+    try:
+        return _WIRE_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"logprobs_dtype must be one of {sorted(_WIRE_DTYPES)}, got {name!r}") from None
+
+
+def _batches(data: Sequence[Datum], chunk_bytes: int) -> Iterator[pb.DatumBatch]:
+    """Pack datums into messages of about ``chunk_bytes`` each."""
+    batch = pb.DatumBatch()
+    size = 0
+    for d in data:
+        if not isinstance(d, Datum):
+            raise TypeError(f"expected Datum, got {type(d).__name__}")
+        msg = d.to_proto()
+        n = msg.ByteSize()
+        if batch.datums and size + n > chunk_bytes:
+            yield batch
+            batch, size = pb.DatumBatch(), 0
+        batch.datums.append(msg)
+        size += n
+    if batch.datums:
+        yield batch
+
+
+class _Stream:
+    """One bidi call with typed reads: errors become client exceptions."""
+
+    def __init__(self, call: Any, method: str) -> None:
+        self.call = call
+        self.method = method
+
+    async def write(self, msg: Any) -> None:
+        try:
+            await self.call.write(msg)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc, self.method) from exc
+        except asyncio.InvalidStateError:  # the server already ended the call: report its status
+            await self._raise_status()
+
+    async def _raise_status(self) -> None:
+        code = await self.call.code()
+        details = await self.call.details()
+        if code != grpc.StatusCode.OK:
+            raise from_status(code, details, self.method)
+        raise ProtocolError(f"{self.method}: the server ended the stream early")
+
+    async def read(self, *expected: str) -> Any:
+        """Read the next message, which must set one of the ``expected`` oneof fields."""
+        try:
+            msg = await self.call.read()
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc, self.method) from exc
+        if msg is grpc.aio.EOF:
+            await self._raise_status()
+        kind = msg.WhichOneof("message")
+        if kind not in expected:
+            raise ProtocolError(f"{self.method}: expected {' or '.join(expected)}, got {kind!r}")
+        return msg
+
+    async def read_logprobs(self, header_msg: Any, lengths: list[int], max_bytes: int) -> torch.Tensor:
+        """Reassemble the logprobs stream that ``header_msg`` opened; returns float32."""
+        try:
+            assembler = wire.ChunkAssembler(
+                header_msg.logprobs_header, "logprobs", max_bytes=max_bytes, expected_lengths=lengths
+            )
+            while not assembler.done:
+                assembler.add((await self.read("logprobs_chunk")).logprobs_chunk)
+            return assembler.tensor().float()
+        except wire.WireError as exc:
+            raise ProtocolError(f"{self.method}: {exc}") from exc
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+def _run_loss(
+    loss_fn: LossFn, data: Sequence[Datum], logprobs: torch.Tensor, lengths: list[int]
+) -> tuple[torch.Tensor, float, dict[str, float]]:
+    """Run the user's loss on detached logprobs; return d_loss/d_logprobs, loss, metrics."""
+    leaf = logprobs.detach().clone().requires_grad_(True)
+    try:
+        out = loss_fn(list(data), list(torch.split(leaf, lengths)))
+    except Exception as exc:
+        raise LossFunctionError(f"loss_fn raised {exc!r}") from exc
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise LossFunctionError(f"loss_fn must return (loss, metrics), got {type(out).__name__}")
+    loss, metrics = out
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise LossFunctionError(f"loss_fn's loss must be a scalar tensor, got {loss!r}")
+    if not loss.requires_grad:
+        raise LossFunctionError("loss_fn's loss does not depend on the logprobs (no gradient)")
+    if not isinstance(metrics, Mapping):
+        raise LossFunctionError(f"loss_fn's metrics must be a mapping of name to number, got {type(metrics).__name__}")
+    (grad,) = torch.autograd.grad(loss.reshape(()), leaf, allow_unused=True)
+    if grad is None:
+        grad = torch.zeros_like(leaf)
+    try:
+        values = {str(k): float(v) for k, v in metrics.items()}
+    except (TypeError, ValueError) as exc:
+        raise LossFunctionError(f"loss_fn's metrics must be numbers: {exc}") from exc
+    return grad.detach().float(), float(loss.detach()), values
+
+
+class AsyncTrainingClient:
+    """A training session. Create it with :meth:`AsyncServiceClient.create_training_client`.
+
+    Attributes:
+        session_id: the server's id of the session.
+        base_model: the base model's name.
+    """
+
+    def __init__(self, service: AsyncServiceClient, response: pb.CreateSessionResponse) -> None:
+        self._service = service
+        self.session_id = response.session_id
+        self.base_model = response.base_model
+        self.trainable_parameters = response.trainable_parameters
+        self._next_seq = response.next_seq or 1
+        self._loop = asyncio.get_running_loop()
+        self._failed: list[APIFuture[Any]] = []
+        self._closed = False
+
+    # ---- sequencing and futures -----------------------------------------------------
+
+    def _record_failure(self, future: APIFuture[Any]) -> None:
+        self._failed.append(future)
+
+    def _raise_unretrieved(self) -> None:
+        failed, self._failed = self._failed, []
+        for fut in failed:
+            if not fut.error_retrieved:
+                exc = fut.exception(timeout=0) if fut.done() else None
+                raise PreviousCallFailedError(
+                    f"{fut.description} failed and its error was never retrieved: {exc!r}"
+                ) from exc
+
+    def _submit(self, name: str, run: Callable[[int], Awaitable[T]]) -> APIFuture[T]:
+        if self._closed:
+            raise RuntimeError(f"session {self.session_id} is closed")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            raise RuntimeError("use a training client on the event loop that created it (or the sync TrainingClient)")
+        self._raise_unretrieved()
+        seq = self._next_seq
+        self._next_seq += 1
+
+        async def call() -> T:
+            return await run(seq)
+
+        task = loop.create_task(call(), name=f"trainer {name} #{seq}")
+        return APIFuture(task, description=f"{name} #{seq} of session {self.session_id}", on_failure=self._record_failure)
+
+    def _header(self, seq: int) -> pb.CallHeader:
+        return pb.CallHeader(session_id=self.session_id, seq=seq)
+
+    def _open(self, method: str) -> _Stream:
+        svc = self._service
+        call = getattr(svc._stub, method)(timeout=svc.config.timeout_s, metadata=svc._metadata)
+        return _Stream(call, method)
+
+    async def _send_datums(self, stream: _Stream, start_field: str, start: Any, batches: list[pb.DatumBatch]) -> None:
+        request = type(self)._REQUESTS[stream.method]
+        await stream.write(request(**{start_field: start}))
+        for batch in batches:
+            await stream.write(request(datums=batch))
+
+    _REQUESTS: dict[str, Any] = {
+        "Forward": pb.ForwardRequest,
+        "ForwardBackward": pb.ForwardBackwardRequest,
+        "ForwardBackwardCustom": pb.ForwardBackwardCustomRequest,
+    }
+
+    # ---- training calls ---------------------------------------------------------------
+
+    def forward(self, data: Sequence[Datum], *, logprobs_dtype: str = "float32") -> APIFuture[ForwardOutput]:
+        """Logprobs of each datum's targets on the current weights; no gradient is kept."""
+        batches = list(_batches(data, self._service.config.chunk_bytes))
+        lengths = [len(d) for d in data]
+        dtype = _wire_dtype(logprobs_dtype)
+
+        async def run(seq: int) -> ForwardOutput:
+            stream = self._open("Forward")
+            start = pb.ForwardStart(call=self._header(seq), num_datums=len(data), logprobs_dtype=dtype)
+            await self._send_datums(stream, "start", start, batches)
+            await stream.call.done_writing()
+            flat = await stream.read_logprobs(
+                await stream.read("logprobs_header"), lengths, self._service.config.max_message_bytes * 64
+            )
+            result = (await stream.read("result")).result
+            return ForwardOutput(logprobs=list(torch.split(flat, lengths)), num_tokens=result.num_tokens)
+
+        return self._submit("forward", run)
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+        *,
+        return_logprobs: bool = False,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Run a built-in loss on the server and accumulate its gradients.
+
+        Args:
+            data: the batch.
+            loss_fn: a built-in loss name (see ``ServerInfo.loss_functions``).
+            loss_fn_config: the loss's parameters.
+            return_logprobs: also return the per-token logprobs.
+        """
+        batches = list(_batches(data, self._service.config.chunk_bytes))
+        lengths = [len(d) for d in data]
+        config = {str(k): float(v) for k, v in (loss_fn_config or {}).items()}
+
+        async def run(seq: int) -> ForwardBackwardOutput:
+            stream = self._open("ForwardBackward")
+            start = pb.ForwardBackwardStart(
+                call=self._header(seq),
+                num_datums=len(data),
+                loss_fn=loss_fn,
+                loss_fn_config=config,
+                return_logprobs=return_logprobs,
+            )
+            await self._send_datums(stream, "start", start, batches)
+            await stream.call.done_writing()
+            logprobs: list[torch.Tensor] = []
+            msg = await stream.read("logprobs_header", "result")
+            if msg.WhichOneof("message") == "logprobs_header":
+                flat = await stream.read_logprobs(msg, lengths, self._service.config.max_message_bytes * 64)
+                logprobs = list(torch.split(flat, lengths))
+                msg = await stream.read("result")
+            r = msg.result
+            return ForwardBackwardOutput(
+                loss=r.loss, metrics=dict(r.metrics), logprobs=logprobs, num_tokens=r.num_tokens
+            )
+
+        return self._submit("forward_backward", run)
+
+    def forward_backward_custom(
+        self, data: Sequence[Datum], loss_fn: LossFn, *, logprobs_dtype: str = "float32"
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Forward on the server, your loss here, backward on the server, in one stream.
+
+        The server keeps the forward graph while ``loss_fn`` runs, so a custom loss costs
+        one forward and one backward, like a built-in loss.
+
+        Args:
+            data: the batch.
+            loss_fn: ``loss_fn(data, logprobs) -> (loss, metrics)``; ``logprobs[i]`` has
+                one entry per target of ``data[i]`` and ``requires_grad=True``.
+            logprobs_dtype: "float32" (default) or "bfloat16" on the wire, both ways.
+
+        Raises:
+            LossFunctionError: (from the future) ``loss_fn`` raised or returned something
+                unusable; the call is then cancelled and nothing is applied.
+        """
+        batches = list(_batches(data, self._service.config.chunk_bytes))
+        lengths = [len(d) for d in data]
+        dtype = _wire_dtype(logprobs_dtype)
+        torch_dtype = wire.dtype_from_wire(dtype)
+
+        async def run(seq: int) -> ForwardBackwardOutput:
+            stream = self._open("ForwardBackwardCustom")
+            start = pb.ForwardStart(call=self._header(seq), num_datums=len(data), logprobs_dtype=dtype)
+            try:
+                await self._send_datums(stream, "start", start, batches)
+                flat = await stream.read_logprobs(
+                    await stream.read("logprobs_header"), lengths, self._service.config.max_message_bytes * 64
+                )
+                grad, loss, metrics = await asyncio.to_thread(_run_loss, loss_fn, data, flat, lengths)
+                grad = grad.to(torch_dtype)
+                req = pb.ForwardBackwardCustomRequest
+                await stream.write(req(grad_header=wire.stream_header(grad, lengths)))
+                for chunk in wire.chunk_tensor(grad, self._service.config.chunk_bytes):
+                    await stream.write(req(grad_chunk=chunk))
+                await stream.call.done_writing()
+                result = (await stream.read("result")).result
+            except BaseException:
+                stream.cancel()  # the server drops the held graph; nothing is applied
+                raise
+            return ForwardBackwardOutput(
+                loss=loss, metrics=metrics, logprobs=[t.detach() for t in torch.split(flat, lengths)],
+                num_tokens=result.num_tokens,
+            )
+
+        return self._submit("forward_backward_custom", run)
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
+        """Apply AdamW to the gradients accumulated since the last step, then clear them."""
+        params = (adam_params or AdamParams()).to_proto()
+
+        async def run(seq: int) -> OptimStepResult:
+            request = pb.OptimStepRequest(call=self._header(seq), adam_params=params)
+            response = await self._service._unary("OptimStep", request, self._service.config.timeout_s)
+            return OptimStepResult(step=response.step, grad_norm=response.grad_norm)
+
+        return self._submit("optim_step", run)
+
+    async def get_tokenizer(self) -> Any:
+        """The base model's tokenizer (a ``tokenizers.Tokenizer``), fetched once."""
+        return await self._service.get_tokenizer(self.base_model)
+
+    async def close(self) -> None:
+        """Close the session on the server, after the calls already submitted."""
+        if self._closed:
+            return
+
+        async def run(seq: int) -> None:
+            await self._service._unary(
+                "CloseSession", pb.CloseSessionRequest(call=self._header(seq)), self._service.config.timeout_s
+            )
+
+        fut = self._submit("close", run)
+        self._closed = True
+        await fut
+
+    async def __aenter__(self) -> AsyncTrainingClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class AsyncServiceClient:
+    """A connection to a training server.
+
+    Args:
+        target: ``host:port`` of the server.
+        api_key: sent as ``authorization: Bearer <key>`` when given.
+        config: deadlines, sizes and retries.
+        channel: use this channel instead of opening one (e.g. with TLS or interceptors).
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        api_key: str | None = None,
+        config: ClientConfig | None = None,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.target = target
+        self.config = config or ClientConfig()
+        self._channel = channel or grpc.aio.insecure_channel(
+            target,
+            options=options.grpc_options(
+                max_message_bytes=self.config.max_message_bytes,
+                keepalive_time_s=self.config.keepalive_time_s,
+                keepalive_timeout_s=self.config.keepalive_timeout_s,
+            ),
+        )
+        self._stub = pb_grpc.TrainerServiceStub(self._channel)
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._tokenizers: dict[str, Any] = {}
+
+    async def _with_retry(self, method: str, attempt: Callable[[], Awaitable[T]], *, retry: bool) -> T:
+        """Run ``attempt``; on UNAVAILABLE, when ``retry``, again after a jittered backoff."""
+        attempts = self.config.retry_attempts if retry else 1
+        for n in range(attempts):
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as exc:
+                error = from_grpc_error(exc, method)
+                if not isinstance(error, UnavailableError) or n == attempts - 1:
+                    raise error from exc
+            await asyncio.sleep(random.uniform(0, self.config.retry_backoff_s * 2**n))
+        raise AssertionError("unreachable")
+
+    async def _unary(self, method: str, request: Any, timeout_s: float, *, retry: bool = False) -> Any:
+        """One unary call with errors translated; retried on UNAVAILABLE when ``retry``."""
+
+        async def attempt() -> Any:
+            return await getattr(self._stub, method)(request, timeout=timeout_s, metadata=self._metadata)
+
+        return await self._with_retry(method, attempt, retry=retry)
+
+    async def get_server_info(self) -> ServerInfo:
+        """Version, models, devices, limits and capabilities of the server."""
+        response = await self._unary("GetServerInfo", pb.GetServerInfoRequest(), self.config.unary_timeout_s, retry=True)
+        return ServerInfo.from_proto(response)
+
+    async def create_training_client(
+        self,
+        base_model: str,
+        *,
+        lora_rank: int | None = 32,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> AsyncTrainingClient:
+        """Start a training session.
+
+        Args:
+            base_model: a model name from ``get_server_info().models``.
+            lora_rank: LoRA rank; ``None`` trains every parameter (full fine-tune).
+            lora_alpha: LoRA scaling numerator (default: the rank).
+            lora_target_modules: modules to adapt (default: all linear layers).
+            seed: seeds the adapter initialisation.
+        """
+        request = pb.CreateSessionRequest(base_model=base_model, seed=seed)
+        if lora_rank is None:
+            request.full.SetInParent()
+        else:
+            request.lora.rank = lora_rank
+            request.lora.alpha = lora_alpha or 0.0
+            request.lora.target_modules.extend(lora_target_modules or [])
+        response = await self._unary("CreateSession", request, self.config.unary_timeout_s)
+        return AsyncTrainingClient(self, response)
+
+    async def get_tokenizer(self, base_model: str) -> Any:
+        """The tokenizer of a served model, as a ``tokenizers.Tokenizer`` (cached)."""
+        if base_model not in self._tokenizers:
+            files = await self.get_tokenizer_files(base_model)
+            if "tokenizer.json" not in files:
+                raise ProtocolError(f"model {base_model!r} has no tokenizer.json (files: {sorted(files)})")
+            from tokenizers import Tokenizer
+
+            self._tokenizers[base_model] = Tokenizer.from_str(files["tokenizer.json"].decode())
+        return self._tokenizers[base_model]
+
+    async def get_tokenizer_files(self, base_model: str) -> dict[str, bytes]:
+        """The raw tokenizer files of a served model, by file name."""
+
+        async def attempt() -> dict[str, bytes]:
+            files: dict[str, bytearray] = {}
+            call = self._stub.GetTokenizer(
+                pb.GetTokenizerRequest(base_model=base_model), timeout=self.config.unary_timeout_s, metadata=self._metadata
+            )
+            async for chunk in call:
+                buf = files.setdefault(chunk.file_name, bytearray())
+                if chunk.offset != len(buf):
+                    raise ProtocolError(f"GetTokenizer: {chunk.file_name} chunk at {chunk.offset}, expected {len(buf)}")
+                buf += chunk.data
+            return {name: bytes(data) for name, data in files.items()}
+
+        return await self._with_retry("GetTokenizer", attempt, retry=True)
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncServiceClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,44 @@
+"""Client configuration: deadlines, sizes and retries, with units in the names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from trainer_proto import options, wire
+
+__all__ = ["ClientConfig"]
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """How a client talks to the server.
+
+    Attributes:
+        timeout_s: deadline of each training call (forward, forward_backward, optim_step,
+            ...), counted from when it is sent, including time queued behind the
+            session's earlier calls.
+        unary_timeout_s: deadline of quick calls (server info, create session, tokenizer).
+        max_message_bytes: largest single gRPC message either way (match the server's).
+        chunk_bytes: chunk size for streamed tensors and datum batches.
+        keepalive_time_s: keepalive ping interval.
+        keepalive_timeout_s: close a connection whose ping is not answered within this.
+        retry_attempts: attempts for calls that are safe to repeat (reads), on UNAVAILABLE.
+        retry_backoff_s: first backoff; doubles per attempt, with full jitter.
+    """
+
+    timeout_s: float = 600.0
+    unary_timeout_s: float = 60.0
+    max_message_bytes: int = options.DEFAULT_MAX_MESSAGE_BYTES
+    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    keepalive_time_s: float = options.DEFAULT_KEEPALIVE_TIME_S
+    keepalive_timeout_s: float = options.DEFAULT_KEEPALIVE_TIMEOUT_S
+    retry_attempts: int = 4
+    retry_backoff_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.unary_timeout_s <= 0:
+            raise ValueError("ClientConfig timeouts must be positive")
+        if not 0 < self.chunk_bytes < self.max_message_bytes:
+            raise ValueError("ClientConfig.chunk_bytes must be positive and below max_message_bytes")
+        if self.retry_attempts < 1:
+            raise ValueError("ClientConfig.retry_attempts must be at least 1")

@@ -1,0 +1,168 @@
+"""The sync facade: ``ServiceClient`` and ``TrainingClient`` for scripts and notebooks.
+
+aio objects may only be used on the event loop that made them, so the facade runs one
+event loop in a background thread (an anyio ``BlockingPortal``) and marshals every call
+onto it. Training methods return the same :class:`APIFuture` the async client returns;
+call ``.result(timeout)`` on it. Submitting several calls before waiting on any keeps the
+server busy, exactly as in async code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+
+from trainer_client._async_client import AsyncServiceClient, AsyncTrainingClient
+from trainer_client._config import ClientConfig
+from trainer_client._futures import APIFuture
+from trainer_client._types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    ForwardOutput,
+    LossFn,
+    OptimStepResult,
+    ServerInfo,
+)
+
+__all__ = ["ServiceClient", "TrainingClient"]
+
+T = TypeVar("T")
+
+
+def _warn_if_in_event_loop(what: str) -> None:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    warnings.warn(
+        f"{what} blocks, and it was called from inside a running event loop; "
+        "use AsyncServiceClient / AsyncTrainingClient and `await` in async code",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+class TrainingClient:
+    """Sync facade over :class:`AsyncTrainingClient`; see that class for each method."""
+
+    def __init__(self, portal: BlockingPortal, inner: AsyncTrainingClient) -> None:
+        self._portal = portal
+        self._inner = inner
+        self.session_id = inner.session_id
+        self.base_model = inner.base_model
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        _warn_if_in_event_loop(f"TrainingClient.{fn.__name__}")
+        return self._portal.call(lambda: fn(*args, **kwargs))
+
+    def forward(self, data: Sequence[Datum], *, logprobs_dtype: str = "float32") -> APIFuture[ForwardOutput]:
+        """See :meth:`AsyncTrainingClient.forward`."""
+        return self._call(self._inner.forward, data, logprobs_dtype=logprobs_dtype)
+
+    def forward_backward(
+        self,
+        data: Sequence[Datum],
+        loss_fn: str = "cross_entropy",
+        loss_fn_config: Mapping[str, float] | None = None,
+        *,
+        return_logprobs: bool = False,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """See :meth:`AsyncTrainingClient.forward_backward`."""
+        return self._call(self._inner.forward_backward, data, loss_fn, loss_fn_config, return_logprobs=return_logprobs)
+
+    def forward_backward_custom(
+        self, data: Sequence[Datum], loss_fn: LossFn, *, logprobs_dtype: str = "float32"
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """See :meth:`AsyncTrainingClient.forward_backward_custom`."""
+        return self._call(self._inner.forward_backward_custom, data, loss_fn, logprobs_dtype=logprobs_dtype)
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
+        """See :meth:`AsyncTrainingClient.optim_step`."""
+        return self._call(self._inner.optim_step, adam_params)
+
+    def get_tokenizer(self) -> Any:
+        """See :meth:`AsyncTrainingClient.get_tokenizer`."""
+        return self._call(self._inner.get_tokenizer)
+
+    def close(self) -> None:
+        """Close the session after the calls already submitted."""
+        self._call(self._inner.close)
+
+    def __enter__(self) -> TrainingClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class ServiceClient:
+    """Sync facade over :class:`AsyncServiceClient`; arguments are the same."""
+
+    def __init__(
+        self, target: str = "localhost:50051", *, api_key: str | None = None, config: ClientConfig | None = None
+    ) -> None:
+        self._portal_cm = start_blocking_portal(backend="asyncio")
+        self._portal = self._portal_cm.__enter__()
+
+        async def make() -> AsyncServiceClient:
+            return AsyncServiceClient(target, api_key=api_key, config=config)
+
+        self._inner = self._portal.call(make)
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        _warn_if_in_event_loop(f"ServiceClient.{fn.__name__}")
+        return self._portal.call(lambda: fn(*args, **kwargs))
+
+    def get_server_info(self) -> ServerInfo:
+        """See :meth:`AsyncServiceClient.get_server_info`."""
+        return self._call(self._inner.get_server_info)
+
+    def create_training_client(
+        self,
+        base_model: str,
+        *,
+        lora_rank: int | None = 32,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> TrainingClient:
+        """See :meth:`AsyncServiceClient.create_training_client`."""
+        inner = self._call(
+            self._inner.create_training_client,
+            base_model,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_target_modules=lora_target_modules,
+            seed=seed,
+        )
+        return TrainingClient(self._portal, inner)
+
+    def get_tokenizer(self, base_model: str) -> Any:
+        """See :meth:`AsyncServiceClient.get_tokenizer`."""
+        return self._call(self._inner.get_tokenizer, base_model)
+
+    def close(self) -> None:
+        """Close the channel and stop the background loop."""
+        if self._portal_cm is None:
+            return
+        try:
+            self._portal.call(self._inner.close)
+        finally:
+            cm, self._portal_cm = self._portal_cm, None
+            cm.__exit__(None, None, None)
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

@@ -1,0 +1,269 @@
+"""User-facing data types: datums, optimizer parameters and call results.
+
+A :class:`Datum` follows the Tinker/Fireworks vocabulary: ``model_input`` holds the
+input token ids and ``loss_fn_inputs`` holds per-token tensors of the same length:
+``target_tokens`` (the next token at each position) and ``weights`` (0.0 for prompt
+tokens, 1.0 for response tokens), plus whatever a loss needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from trainer_proto import pb, wire
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
+
+__all__ = [
+    "AdamParams",
+    "Datum",
+    "ForwardBackwardOutput",
+    "ForwardOutput",
+    "LossFn",
+    "ModelInfo",
+    "OptimStepResult",
+    "ServerInfo",
+]
+
+
+def _as_tensor(values: Sequence[int] | Sequence[float] | torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    t = values if isinstance(values, torch.Tensor) else torch.tensor(list(values), dtype=dtype)
+    if t.dim() != 1:
+        raise ValueError(f"expected a 1-D sequence, got shape {tuple(t.shape)}")
+    return t.to(dtype)
+
+
+@dataclass(frozen=True)
+class Datum:
+    """One training sequence.
+
+    Attributes:
+        model_input: input token ids, 1-D int64.
+        loss_fn_inputs: per-token tensors keyed by name, each as long as ``model_input``;
+            ``target_tokens`` is required, ``weights`` defaults to all ones on the server.
+    """
+
+    model_input: torch.Tensor
+    loss_fn_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_input", _as_tensor(self.model_input, torch.int64))
+
+    @property
+    def target_tokens(self) -> torch.Tensor:
+        """The next-token targets, one per input position."""
+        return self.loss_fn_inputs["target_tokens"]
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Per-token weights (all ones when not given)."""
+        w = self.loss_fn_inputs.get("weights")
+        return torch.ones(len(self.model_input), dtype=torch.float32) if w is None else w
+
+    def __len__(self) -> int:
+        return len(self.model_input)
+
+    @classmethod
+    def from_tokens(
+        cls,
+        prompt: Sequence[int] | torch.Tensor,
+        response: Sequence[int] | torch.Tensor,
+        **extra: Sequence[float] | torch.Tensor,
+    ) -> Datum:
+        """Build a datum from prompt and response token ids.
+
+        The full sequence ``prompt + response`` is shifted by one: inputs are all but the
+        last token, targets all but the first, and a target's weight is 1.0 when it is a
+        response token, 0.0 when it is a prompt token.
+
+        Args:
+            prompt: prompt token ids (at least one).
+            response: response token ids (at least one).
+            **extra: more per-token loss inputs, already aligned with the targets.
+
+        Raises:
+            ValueError: an empty prompt or response, or an extra input of the wrong length.
+        """
+        p = _as_tensor(prompt, torch.int64)
+        r = _as_tensor(response, torch.int64)
+        if len(p) == 0 or len(r) == 0:
+            raise ValueError("prompt and response must each have at least one token")
+        tokens = torch.cat([p, r])
+        weights = torch.cat([torch.zeros(len(p) - 1), torch.ones(len(r))]).to(torch.float32)
+        inputs: dict[str, torch.Tensor] = {"target_tokens": tokens[1:].clone(), "weights": weights}
+        for name, values in extra.items():
+            t = _as_tensor(values, torch.float32)
+            if len(t) != len(tokens) - 1:
+                raise ValueError(f"{name} has {len(t)} values, expected {len(tokens) - 1} (one per target)")
+            inputs[name] = t
+        return cls(model_input=tokens[:-1].clone(), loss_fn_inputs=inputs)
+
+    @classmethod
+    def from_text(cls, tokenizer: Tokenizer, prompt: str, response: str, *, add_eos: bool = True) -> Datum:
+        """Tokenize a prompt and a response and build a datum (see :meth:`from_tokens`).
+
+        Args:
+            tokenizer: the session's tokenizer (``await training_client.get_tokenizer()``).
+            prompt: prompt text.
+            response: response text; the tokenizer's EOS token is appended when
+                ``add_eos`` and the tokenizer has one.
+            add_eos: append EOS to the response.
+        """
+        p = tokenizer.encode(prompt, add_special_tokens=False).ids
+        r = list(tokenizer.encode(response, add_special_tokens=False).ids)
+        if add_eos:
+            eos = _eos_id(tokenizer)
+            if eos is not None:
+                r.append(eos)
+        return cls.from_tokens(p, r)
+
+    def to_proto(self) -> pb.Datum:
+        """Encode for the wire."""
+        msg = pb.Datum(model_input=wire.tensor_to_wire(self.model_input))
+        for name, value in self.loss_fn_inputs.items():
+            msg.loss_fn_inputs[name].CopyFrom(wire.tensor_to_wire(value))
+        return msg
+
+
+def _eos_id(tokenizer: Tokenizer) -> int | None:
+    for token in ("<|eos|>", "</s>", "<|endoftext|>", "<eos>"):
+        tid = tokenizer.token_to_id(token)
+        if tid is not None:
+            return int(tid)
+    return None
+
+
+LossFn = Callable[[list["Datum"], list[torch.Tensor]], tuple[torch.Tensor, Mapping[str, float]]]
+"""``loss_fn(data: list[Datum], logprobs: list[Tensor]) -> (loss, metrics)``.
+
+``logprobs[i]`` has one entry per target of ``data[i]`` and ``requires_grad=True``;
+``loss`` is a scalar tensor; ``metrics`` maps names to floats.
+"""
+
+
+@dataclass(frozen=True)
+class AdamParams:
+    """AdamW hyperparameters (defaults match the Tinker SDK).
+
+    Attributes:
+        learning_rate: step size.
+        beta1: first-moment decay.
+        beta2: second-moment decay.
+        eps: denominator epsilon.
+        weight_decay: decoupled weight decay.
+        grad_clip_norm: clip the global gradient L2 norm to this; 0 disables.
+    """
+
+    learning_rate: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-12
+    weight_decay: float = 0.0
+    grad_clip_norm: float = 0.0
+
+    def to_proto(self) -> pb.AdamParams:
+        """Encode for the wire (every field explicit)."""
+        return pb.AdamParams(
+            learning_rate=self.learning_rate,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            grad_clip_norm=self.grad_clip_norm,
+        )
+
+
+@dataclass(frozen=True)
+class ForwardOutput:
+    """Result of a forward pass.
+
+    Attributes:
+        logprobs: per datum, the logprob of each target token.
+        num_tokens: targets scored.
+    """
+
+    logprobs: list[torch.Tensor]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class ForwardBackwardOutput:
+    """Result of a forward+backward pass; gradients are accumulated on the server.
+
+    Attributes:
+        loss: the loss value (for a custom loss, as the loss function computed it).
+        metrics: loss metrics by name.
+        logprobs: per-datum logprobs when they were returned, else empty.
+        num_tokens: targets scored.
+    """
+
+    loss: float
+    metrics: dict[str, float]
+    logprobs: list[torch.Tensor]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class OptimStepResult:
+    """Result of an optimizer step.
+
+    Attributes:
+        step: optimizer steps the session has taken, this one included.
+        grad_norm: global L2 norm of the accumulated gradients before clipping.
+    """
+
+    step: int
+    grad_norm: float
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A base model the server serves."""
+
+    name: str
+    architecture: str
+    vocab_size: int
+    max_sequence_length: int
+    dtype: str
+    num_parameters: int
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What the server reports about itself."""
+
+    version: str
+    models: list[ModelInfo]
+    devices: list[str]
+    world_size: int
+    limits: dict[str, int]
+    capabilities: list[str]
+    loss_functions: list[str]
+
+    @classmethod
+    def from_proto(cls, msg: pb.GetServerInfoResponse) -> ServerInfo:
+        """Decode the server's reply."""
+        return cls(
+            version=msg.version,
+            models=[
+                ModelInfo(
+                    name=m.name,
+                    architecture=m.architecture,
+                    vocab_size=m.vocab_size,
+                    max_sequence_length=m.max_sequence_length,
+                    dtype=m.dtype,
+                    num_parameters=m.num_parameters,
+                )
+                for m in msg.models
+            ],
+            devices=list(msg.devices),
+            world_size=msg.world_size,
+            limits={f.name: int(v) for f, v in msg.limits.ListFields()},
+            capabilities=list(msg.capabilities),
+            loss_functions=list(msg.loss_functions),
+        )

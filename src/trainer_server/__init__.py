@@ -1,0 +1,28 @@
+"""trainer_server: the gRPC training server (grpc.aio, torch, transformers, peft).
+
+Embed it in an asyncio program::
+
+    from trainer_server import ServerConfig, TrainerServer
+
+    async with TrainerServer(ServerConfig(port=0)) as server:
+        ...  # connect clients to server.address
+
+or run ``trainer-server --model NAME=PATH``. aio objects belong to the event loop that
+made them: start, use and stop a server on one loop.
+"""
+
+from trainer_server._config import Limits, ServerConfig
+from trainer_server._errors import ServiceError
+from trainer_server._server import SERVICE_NAME, TrainerServer
+from trainer_server.builtin_models import BUILTIN_MODEL_NAME, build_tiny_model, ensure_builtin_model
+
+__all__ = [
+    "BUILTIN_MODEL_NAME",
+    "SERVICE_NAME",
+    "Limits",
+    "ServerConfig",
+    "ServiceError",
+    "TrainerServer",
+    "build_tiny_model",
+    "ensure_builtin_model",
+]

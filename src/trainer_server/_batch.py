@@ -1,0 +1,133 @@
+"""Datums from the wire, validated into a :class:`Batch` before any model work.
+
+Every check here runs before a call waits for its turn, so bad input is refused at once,
+with a message that names the datum, the field and the position, and never touches the
+session's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from trainer_proto import pb, wire
+from trainer_server._config import Limits
+from trainer_server._errors import invalid_argument, resource_exhausted
+from trainer_server._models import BaseModel
+
+__all__ = ["Batch", "parse_datums"]
+
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Validated datums: per-datum token ids, targets, weights and extra loss inputs."""
+
+    tokens: list[torch.Tensor]
+    targets: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    extras: list[dict[str, torch.Tensor]]
+
+    @property
+    def lengths(self) -> list[int]:
+        """Targets per datum."""
+        return [len(t) for t in self.targets]
+
+    @property
+    def num_tokens(self) -> int:
+        """Targets in the whole batch."""
+        return sum(self.lengths)
+
+    def flat_weights(self) -> torch.Tensor:
+        """All weights concatenated, in datum order."""
+        return torch.cat(self.weights)
+
+    def flat_extra(self, name: str) -> torch.Tensor:
+        """One extra loss input concatenated over datums.
+
+        Raises:
+            ServiceError: INVALID_ARGUMENT when a datum lacks it.
+        """
+        for i, extra in enumerate(self.extras):
+            if name not in extra:
+                raise invalid_argument(f"datum {i}: loss_fn_inputs[{name!r}] is required by this loss")
+        return torch.cat([e[name] for e in self.extras])
+
+
+def _decode(msg: pb.TensorData, field: str, max_bytes: int) -> torch.Tensor:
+    try:
+        return wire.tensor_from_wire(msg, field, max_bytes=max_bytes)
+    except wire.WireError as exc:
+        raise invalid_argument(str(exc)) from None
+
+
+def _check_ids(ids: torch.Tensor, field: str, vocab_size: int) -> torch.Tensor:
+    if ids.dtype not in _INT_DTYPES:
+        raise invalid_argument(f"{field} must be int64 or int32, got {ids.dtype}")
+    bad = ((ids < 0) | (ids >= vocab_size)).nonzero()
+    if len(bad):
+        pos = int(bad[0, 0])
+        raise invalid_argument(
+            f"{field}: token id {int(ids[pos])} at position {pos} is outside the vocabulary [0, {vocab_size})"
+        )
+    return ids.to(torch.int64)
+
+
+def parse_datums(datums: Sequence[pb.Datum], base: BaseModel, limits: Limits) -> Batch:
+    """Decode and validate a call's datums.
+
+    Raises:
+        ServiceError: INVALID_ARGUMENT for malformed datums, RESOURCE_EXHAUSTED over a limit.
+    """
+    if not datums:
+        raise invalid_argument("the batch has no datums; send at least one")
+    if len(datums) > limits.max_datums_per_call:
+        raise resource_exhausted(
+            f"{len(datums)} datums in one call is over the limit max_datums_per_call={limits.max_datums_per_call}"
+        )
+    total = sum(len(d.model_input.shape) and int(d.model_input.shape[0]) for d in datums)
+    if total > limits.max_tokens_per_call:
+        raise resource_exhausted(
+            f"{total} tokens in one call is over the limit max_tokens_per_call={limits.max_tokens_per_call}"
+        )
+    max_bytes = limits.max_message_bytes
+    tokens, targets, weights, extras = [], [], [], []
+    for i, d in enumerate(datums):
+        where = f"datum {i}"
+        if not d.HasField("model_input"):
+            raise invalid_argument(f"{where}: model_input is missing")
+        ids = _decode(d.model_input, f"{where}: model_input", max_bytes)
+        if ids.dim() != 1 or len(ids) == 0:
+            raise invalid_argument(f"{where}: model_input must be a non-empty 1-D tensor, got shape {list(ids.shape)}")
+        n = len(ids)
+        if n > base.max_sequence_length:
+            raise invalid_argument(
+                f"{where}: sequence of {n} tokens is longer than the model's maximum of {base.max_sequence_length}"
+            )
+        ids = _check_ids(ids, f"{where}: model_input", base.vocab_size)
+        inputs = {name: _decode(t, f"{where}: loss_fn_inputs[{name!r}]", max_bytes) for name, t in d.loss_fn_inputs.items()}
+        for name, t in inputs.items():
+            if t.shape != (n,):
+                raise invalid_argument(
+                    f"{where}: loss_fn_inputs[{name!r}] has shape {list(t.shape)}, expected [{n}] (one per input token)"
+                )
+        if "target_tokens" not in inputs:
+            raise invalid_argument(f"{where}: loss_fn_inputs['target_tokens'] is required")
+        tgt = _check_ids(inputs.pop("target_tokens"), f"{where}: loss_fn_inputs['target_tokens']", base.vocab_size)
+        w = inputs.pop("weights", None)
+        if w is None:
+            w = torch.ones(n, dtype=torch.float32)
+        elif not w.is_floating_point():
+            raise invalid_argument(f"{where}: loss_fn_inputs['weights'] must be a float tensor, got {w.dtype}")
+        w = w.to(torch.float32)
+        for name, t in [("weights", w), *inputs.items()]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise invalid_argument(f"{where}: loss_fn_inputs[{name!r}] contains NaN or Inf")
+        tokens.append(ids)
+        targets.append(tgt)
+        weights.append(w)
+        extras.append({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in inputs.items()})
+    return Batch(tokens=tokens, targets=targets, weights=weights, extras=extras)

@@ -1,0 +1,77 @@
+"""Server configuration: typed, validated up front, units in the names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer_proto import options, wire
+
+__all__ = ["Limits", "ServerConfig"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits enforced per call and per server; over one answers RESOURCE_EXHAUSTED.
+
+    Attributes:
+        max_tokens_per_call: total tokens over all datums of one call.
+        max_datums_per_call: datums in one call.
+        max_sessions: open sessions on the server.
+        max_message_bytes: largest single gRPC message either way.
+        chunk_bytes: size of the chunks tensors are streamed in.
+    """
+
+    max_tokens_per_call: int = 1 << 17
+    max_datums_per_call: int = 4096
+    max_sessions: int = 64
+    max_message_bytes: int = options.DEFAULT_MAX_MESSAGE_BYTES
+    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self) -> None:
+        for name in ("max_tokens_per_call", "max_datums_per_call", "max_sessions", "chunk_bytes"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}")
+        if self.chunk_bytes + 1024 > self.max_message_bytes:
+            raise ValueError(
+                f"Limits.chunk_bytes ({self.chunk_bytes}) must leave room under max_message_bytes "
+                f"({self.max_message_bytes}); raise max_message_bytes or lower chunk_bytes"
+            )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How to run a server.
+
+    Attributes:
+        models: base models to serve, name -> local Hugging Face directory. Empty means
+            the built-in tiny model (created on first use, no download).
+        host: interface to bind.
+        port: port to bind; 0 picks a free one (see ``TrainerServer.port``).
+        device: torch device for the models ("cpu", "cuda", "cuda:1"); None picks CUDA
+            when available.
+        dtype: dtype the base weights are loaded in ("float32", "bfloat16").
+        limits: per-call and per-server limits.
+        sequence_gap_timeout_s: how long a call waits for an earlier sequence number
+            that has not arrived before it is aborted (and the gap skipped).
+        shutdown_grace_s: how long stop() lets in-flight calls finish.
+        keepalive_time_s: keepalive ping interval (matches the client's default).
+    """
+
+    models: dict[str, Path] = field(default_factory=dict)
+    host: str = "127.0.0.1"
+    port: int = 50051
+    device: str | None = None
+    dtype: str = "float32"
+    limits: Limits = field(default_factory=Limits)
+    sequence_gap_timeout_s: float = 120.0
+    shutdown_grace_s: float = 5.0
+    keepalive_time_s: float = options.DEFAULT_KEEPALIVE_TIME_S
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"ServerConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
+        if self.sequence_gap_timeout_s <= 0:
+            raise ValueError("ServerConfig.sequence_gap_timeout_s must be positive")

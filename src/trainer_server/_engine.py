@@ -1,0 +1,159 @@
+"""Model work for one training session; every function here runs on the device thread.
+
+A :class:`SessionModel` owns what a session trains: a full copy of the base model, or a
+LoRA adapter (peft) over the base model's own, shared, frozen tensors; the AdamW state;
+and the step counter. Its methods are synchronous and are only ever called from the
+server's single device executor, so no two of them run at once and the event loop never
+blocks on torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import grpc
+import torch
+
+from trainer_proto import pb
+from trainer_server._batch import Batch
+from trainer_server._errors import ServiceError, invalid_argument
+from trainer_server._models import BaseModel
+
+__all__ = ["AdamSettings", "SessionModel"]
+
+
+class AdamSettings:
+    """AdamW hyperparameters decoded from the wire, with defaults and range checks."""
+
+    def __init__(self, msg: pb.AdamParams) -> None:
+        def get(name: str, default: float) -> float:
+            return float(getattr(msg, name)) if msg.HasField(name) else default  # type: ignore[arg-type]
+
+        self.lr = get("learning_rate", 1e-4)
+        self.beta1 = get("beta1", 0.9)
+        self.beta2 = get("beta2", 0.95)
+        self.eps = get("eps", 1e-12)
+        self.weight_decay = get("weight_decay", 0.0)
+        self.grad_clip_norm = get("grad_clip_norm", 0.0)
+        for name, value in vars(self).items():
+            if not math.isfinite(value):
+                raise invalid_argument(f"adam_params.{name} must be finite, got {value}")
+        if self.lr < 0:
+            raise invalid_argument(f"adam_params.learning_rate must be >= 0, got {self.lr}")
+        for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0.0 <= beta < 1.0:
+                raise invalid_argument(f"adam_params.{name} must be in [0, 1), got {beta}")
+        if self.eps <= 0:
+            raise invalid_argument(f"adam_params.eps must be > 0, got {self.eps}")
+        if self.weight_decay < 0:
+            raise invalid_argument(f"adam_params.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.grad_clip_norm < 0:
+            raise invalid_argument(f"adam_params.grad_clip_norm must be >= 0 (0 disables), got {self.grad_clip_norm}")
+
+
+def _share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``model`` whose parameters are the same tensor objects."""
+    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+class SessionModel:
+    """What one session trains.
+
+    Args:
+        base: the base model.
+        lora: LoRA settings, or None for a full fine-tune.
+        seed: seeds the adapter initialisation.
+    """
+
+    def __init__(self, base: BaseModel, lora: pb.LoraConfig | None, seed: int) -> None:
+        self.base = base
+        self.device = base.device
+        if lora is None:
+            self.model: Any = copy.deepcopy(base.model)
+            self.model.requires_grad_(True)
+        else:
+            from peft import LoraConfig, get_peft_model
+
+            config = LoraConfig(
+                r=lora.rank,
+                lora_alpha=lora.alpha or lora.rank,
+                target_modules=list(lora.target_modules) or "all-linear",
+                lora_dropout=0.0,
+                bias="none",
+            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.model = get_peft_model(_share_base_copy(base.model), config)
+        self.model.eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer: torch.optim.AdamW | None = None
+        self.step = 0
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable parameter count."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def num_total(self) -> int:
+        """Parameter count of the session's model (shared base included)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def logprobs(self, batch: Batch, *, grad: bool) -> torch.Tensor:
+        """Per-target logprobs of the batch, concatenated in datum order (float32).
+
+        Sequences are right-padded into one batch; with causal attention a real token
+        never attends to the padding after it, so padding does not change the result.
+        With ``grad`` the autograd graph is kept for a later :meth:`backward`.
+        """
+        lengths = batch.lengths
+        width = max(lengths)
+        ids = torch.zeros(len(lengths), width, dtype=torch.int64)
+        targets = torch.zeros_like(ids)
+        mask = torch.zeros(len(lengths), width, dtype=torch.bool)
+        for row, (tok, tgt) in enumerate(zip(batch.tokens, batch.targets, strict=True)):
+            ids[row, : len(tok)] = tok
+            targets[row, : len(tgt)] = tgt
+            mask[row, : len(tok)] = True
+        ids, targets, mask = ids.to(self.device), targets.to(self.device), mask.to(self.device)
+        with torch.set_grad_enabled(grad):
+            logits = self.model(input_ids=ids, attention_mask=mask.long()).logits.float()
+            target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            logprobs = target_logits - torch.logsumexp(logits, dim=-1)
+            return logprobs[mask]
+
+    def backward(self, logprobs: torch.Tensor, grad_output: torch.Tensor) -> None:
+        """Finish the backward pass from d_loss/d_logprobs; gradients accumulate."""
+        logprobs.backward(grad_output.to(device=logprobs.device, dtype=logprobs.dtype))
+
+    def optim_step(self, settings: AdamSettings) -> tuple[int, float]:
+        """Apply AdamW to the accumulated gradients, clear them; return (step, grad norm).
+
+        Raises:
+            ServiceError: FAILED_PRECONDITION when the gradient norm is not finite (the
+                step is not applied and the gradients are kept for inspection).
+        """
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        if not math.isfinite(norm):
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"gradient norm is {norm}; the optimizer step was not applied"
+            )
+        if self.optimizer is None:
+            self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr)
+        for group in self.optimizer.param_groups:
+            group.update(
+                lr=settings.lr,
+                betas=(settings.beta1, settings.beta2),
+                eps=settings.eps,
+                weight_decay=settings.weight_decay,
+            )
+        if settings.grad_clip_norm > 0 and grads:
+            torch.nn.utils.clip_grads_with_norm_(self.params, settings.grad_clip_norm, torch.tensor(norm))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return self.step, norm

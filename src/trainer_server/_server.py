@@ -1,0 +1,133 @@
+"""``TrainerServer``: the grpc.aio server, embeddable in any asyncio program.
+
+::
+
+    async with TrainerServer(ServerConfig(port=0)) as server:
+        print(server.address)   # "127.0.0.1:PORT"; models are loaded and health is SERVING
+        ...
+
+Health (``grpc.health.v1``) answers NOT_SERVING until the models are loaded, SERVING
+while the server runs, and NOT_SERVING again once shutdown starts; server reflection is
+on, so ``grpcurl`` can list and describe everything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from trainer_proto import options, pb, pb_grpc
+from trainer_server._config import ServerConfig
+from trainer_server._runtime import Runtime
+from trainer_server._servicer import TrainerServicer
+
+__all__ = ["SERVICE_NAME", "TrainerServer"]
+
+log = logging.getLogger("trainer_server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def _model_paths(config: ServerConfig) -> dict[str, Path]:
+    if config.models:
+        return dict(config.models)
+    from trainer_server.builtin_models import BUILTIN_MODEL_NAME, ensure_builtin_model
+
+    return {BUILTIN_MODEL_NAME: ensure_builtin_model()}
+
+
+class TrainerServer:
+    """A training server: start it, use :attr:`address`, stop it.
+
+    Args:
+        config: what to serve and how; the default serves the built-in tiny model.
+    """
+
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config or ServerConfig()
+        self.runtime: Runtime | None = None
+        self.servicer: TrainerServicer | None = None
+        self._server: grpc.aio.Server | None = None
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._port: int | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with ``port=0``)."""
+        if self._port is None:
+            raise RuntimeError("the server is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` a client can connect to."""
+        host = self.config.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self._health.set(name, status)  # type: ignore[arg-type]
+
+    async def start(self) -> None:
+        """Bind, start serving, and load the models; returns once they are loaded."""
+        if self._server is not None:
+            raise RuntimeError("the server is already started")
+        limits = self.config.limits
+        self.runtime = Runtime(self.config, await asyncio.to_thread(_model_paths, self.config))
+        self.servicer = TrainerServicer(self.runtime)
+        server = grpc.aio.server(
+            options=options.grpc_options(
+                max_message_bytes=limits.max_message_bytes,
+                keepalive_time_s=self.config.keepalive_time_s,
+                server=True,
+            )
+        )
+        pb_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self._port == 0:
+            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+        await server.start()
+        self._server = server
+        log.info("listening on %s (health NOT_SERVING while models load)", self.address)
+        await self.runtime.load_models()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", sorted(self.runtime.models), self.address)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish for ``grace_s``, then close."""
+        if self._server is None:
+            return
+        self._health.enter_graceful_shutdown()
+        grace = self.config.shutdown_grace_s if grace_s is None else grace_s
+        log.info("shutting down (grace %.1fs)", grace)
+        await self._server.stop(grace)
+        self._server = None
+        if self.runtime is not None:
+            await asyncio.to_thread(self.runtime.shutdown)
+        log.info("stopped")
+
+    async def wait_for_termination(self) -> None:
+        """Block until the server stops."""
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    async def __aenter__(self) -> TrainerServer:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()

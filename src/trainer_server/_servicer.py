@@ -1,0 +1,285 @@
+"""The ``trainer.v1.TrainerService`` servicer: protocol handling, no model math.
+
+Each handler reads its request stream, validates it, waits for the call's turn in the
+session's sequence, hands the model work to the :class:`~trainer_server._runtime.Runtime`
+(which runs it on the device thread), and streams results back. Engine errors are turned
+into gRPC statuses in one place, :func:`translate_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import torch
+
+from trainer_proto import pb, pb_grpc, wire
+from trainer_server._batch import Batch, parse_datums
+from trainer_server._engine import AdamSettings
+from trainer_server._errors import ServiceError, invalid_argument, resource_exhausted
+from trainer_server._losses import LOSSES
+from trainer_server._runtime import Runtime
+from trainer_server._sessions import Session
+
+__all__ = ["TrainerServicer", "translate_errors"]
+
+log = logging.getLogger("trainer_server.servicer")
+
+_Servicer = TypeVar("_Servicer", bound="TrainerServicer")
+_Handler = Callable[[_Servicer, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+_LOGPROB_DTYPES = {
+    pb.DATA_TYPE_UNSPECIFIED: torch.float32,
+    pb.DATA_TYPE_FLOAT32: torch.float32,
+    pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
+}
+
+
+def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
+    """Turn engine errors into statuses; log unexpected ones and answer INTERNAL."""
+    name = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: _Servicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await handler(self, request, context)
+        except ServiceError as exc:
+            log.info("%s -> %s: %s", name, exc.code.name, exc.message)
+            await context.abort(exc.code, exc.message)
+        except wire.WireError as exc:
+            log.info("%s -> INVALID_ARGUMENT: %s", name, exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (grpc.aio.AbortError, asyncio.CancelledError):
+            raise
+        except Exception:
+            log.exception("%s failed", name)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error; see the server log")
+
+    return wrapper
+
+
+def _logprobs_dtype(value: int) -> torch.dtype:
+    try:
+        return _LOGPROB_DTYPES[value]
+    except KeyError:
+        raise invalid_argument(f"logprobs_dtype must be DATA_TYPE_FLOAT32 or DATA_TYPE_BFLOAT16, got {value}") from None
+
+
+class TrainerServicer(pb_grpc.TrainerServiceServicer):
+    """Implements every RPC of ``trainer.v1.TrainerService`` over a :class:`Runtime`."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.held_graphs: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
+        """Logprob tensors whose autograd graph is alive (custom calls waiting for gradients)."""
+
+    # ---- stream helpers -------------------------------------------------------------
+
+    @staticmethod
+    async def _read(context: grpc.aio.ServicerContext[Any, Any], expecting: str) -> Any:
+        msg = await context.read()
+        if msg is grpc.aio.EOF:
+            raise invalid_argument(f"the request stream ended while waiting for {expecting}")
+        return msg
+
+    async def _read_start(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        msg = await self._read(context, "the start message")
+        if msg.WhichOneof("message") != "start":
+            raise invalid_argument(f"the first message must be 'start', got {msg.WhichOneof('message')!r}")
+        return msg.start
+
+    async def _read_batch(self, context: grpc.aio.ServicerContext[Any, Any], session: Session, num_datums: int) -> Batch:
+        if num_datums == 0:
+            raise invalid_argument("the batch has no datums (start.num_datums is 0); send at least one")
+        limits = self.runtime.config.limits
+        if num_datums > limits.max_datums_per_call:
+            raise resource_exhausted(
+                f"{num_datums} datums in one call is over the limit max_datums_per_call={limits.max_datums_per_call}"
+            )
+        datums: list[pb.Datum] = []
+        while len(datums) < num_datums:
+            msg = await self._read(context, f"datums ({len(datums)} of {num_datums} received)")
+            if msg.WhichOneof("message") != "datums":
+                raise invalid_argument(
+                    f"expected 'datums' ({len(datums)} of {num_datums} received), got {msg.WhichOneof('message')!r}"
+                )
+            datums.extend(msg.datums.datums)
+        if len(datums) != num_datums:
+            raise invalid_argument(f"got {len(datums)} datums, but start.num_datums is {num_datums}")
+        return parse_datums(datums, session.base, limits)
+
+    async def _write_logprobs(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        response: Callable[..., Any],
+        logprobs: torch.Tensor,
+        lengths: list[int],
+        dtype: torch.dtype,
+    ) -> None:
+        flat = logprobs.detach().to(device="cpu", dtype=dtype)
+        await context.write(response(logprobs_header=wire.stream_header(flat, lengths)))
+        for chunk in wire.chunk_tensor(flat, self.runtime.config.limits.chunk_bytes):
+            await context.write(response(logprobs_chunk=chunk))
+
+    async def _read_gradient(self, context: grpc.aio.ServicerContext[Any, Any], lengths: list[int]) -> torch.Tensor:
+        msg = await self._read(context, "the gradient header")
+        if msg.WhichOneof("message") != "grad_header":
+            raise invalid_argument(f"expected 'grad_header' after the logprobs, got {msg.WhichOneof('message')!r}")
+        header = msg.grad_header
+        if list(header.lengths) != lengths:
+            raise invalid_argument(
+                f"gradient has {sum(header.lengths)} values in {len(header.lengths)} datums, but the logprobs have "
+                f"{sum(lengths)} in {len(lengths)} (lengths {list(header.lengths)} vs {lengths})"
+            )
+        assembler = wire.ChunkAssembler(
+            header, "gradient", max_bytes=self.runtime.config.limits.max_message_bytes * 64
+        )
+        while not assembler.done:
+            msg = await self._read(context, f"gradient bytes ({assembler.received} of {assembler.total_bytes} received)")
+            if msg.WhichOneof("message") != "grad_chunk":
+                raise invalid_argument(f"expected 'grad_chunk', got {msg.WhichOneof('message')!r}")
+            assembler.add(msg.grad_chunk)
+        grad = assembler.tensor()
+        finite = torch.isfinite(grad)
+        if not bool(finite.all()):
+            index = int((~finite).nonzero()[0, 0])
+            datum, offset = 0, index
+            while offset >= lengths[datum]:
+                offset -= lengths[datum]
+                datum += 1
+            raise invalid_argument(
+                f"gradient contains {float(grad[index])} at datum {datum}, position {offset}; nothing was applied"
+            )
+        return grad
+
+    # ---- RPCs -----------------------------------------------------------------------
+
+    @translate_errors
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetServerInfoResponse:
+        """Describe the server."""
+        return self.runtime.server_info()
+
+    @translate_errors
+    async def CreateSession(
+        self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateSessionResponse:
+        """Start a LoRA or full fine-tune session."""
+        session = await self.runtime.create_session(request)
+        return pb.CreateSessionResponse(
+            session_id=session.id,
+            base_model=session.base.name,
+            trainable_parameters=session.state.num_trainable,
+            total_parameters=session.state.num_total,
+            next_seq=session.next_seq,
+        )
+
+    @translate_errors
+    async def GetTokenizer(self, request: pb.GetTokenizerRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Stream the model's tokenizer files in chunks."""
+        base = self.runtime.model(request.base_model)
+        if not base.tokenizer_files:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"model {base.name!r} has no tokenizer files")
+        step = self.runtime.config.limits.chunk_bytes
+        for name, data in sorted(base.tokenizer_files.items()):
+            for offset in range(0, max(len(data), 1), step):
+                await context.write(
+                    pb.GetTokenizerResponse(
+                        file_name=name, total_bytes=len(data), offset=offset, data=data[offset : offset + step]
+                    )
+                )
+
+    @translate_errors
+    async def Forward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Logprobs of the targets on the session's current weights; nothing is kept."""
+        start = await self._read_start(context)
+        session = self.runtime.session(start.call.session_id)
+        async with session.call(start.call.seq) as call:
+            dtype = _logprobs_dtype(start.logprobs_dtype)
+            batch = await self._read_batch(context, session, start.num_datums)
+            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+            logprobs = await self.runtime.on_device(session.state.logprobs, batch, grad=False)
+        await self._write_logprobs(context, pb.ForwardResponse, logprobs, batch.lengths, dtype)
+        await context.write(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
+
+    @translate_errors
+    async def ForwardBackward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """A built-in loss: forward, loss, backward; gradients accumulate."""
+        start = await self._read_start(context)
+        session = self.runtime.session(start.call.session_id)
+        async with session.call(start.call.seq) as call:
+            dtype = _logprobs_dtype(start.logprobs_dtype)
+            loss_fn = LOSSES.get(start.loss_fn)
+            if loss_fn is None:
+                raise invalid_argument(f"unknown loss_fn {start.loss_fn!r}; built-in losses: {sorted(LOSSES)}")
+            batch = await self._read_batch(context, session, start.num_datums)
+            config = dict(start.loss_fn_config)
+            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+
+            def run() -> tuple[torch.Tensor, float, dict[str, float]]:
+                logprobs = session.state.logprobs(batch, grad=True)
+                loss, metrics = loss_fn(logprobs, batch, config)
+                if not bool(torch.isfinite(loss)):
+                    raise invalid_argument(f"{start.loss_fn} loss is {float(loss)}; nothing was applied")
+                session.state.backward(loss, torch.ones_like(loss))
+                return logprobs.detach(), float(loss.detach()), metrics
+
+            logprobs, loss, metrics = await self.runtime.on_device(run)
+        if start.return_logprobs:
+            await self._write_logprobs(context, pb.ForwardBackwardResponse, logprobs, batch.lengths, dtype)
+        result = pb.ForwardBackwardResult(seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics)
+        await context.write(pb.ForwardBackwardResponse(result=result))
+
+    @translate_errors
+    async def ForwardBackwardCustom(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        """Logprobs out, d_loss/d_logprobs in, backward from the graph held in between.
+
+        A stream that breaks before the whole gradient arrived applies nothing: the graph
+        is released and the session's gradients are untouched.
+        """
+        start = await self._read_start(context)
+        session = self.runtime.session(start.call.session_id)
+        async with session.call(start.call.seq) as call:
+            dtype = _logprobs_dtype(start.logprobs_dtype)
+            batch = await self._read_batch(context, session, start.num_datums)
+            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+            logprobs: torch.Tensor | None = await self.runtime.on_device(session.state.logprobs, batch, grad=True)
+            assert logprobs is not None
+            self.held_graphs.add(logprobs)
+            try:
+                await self._write_logprobs(context, pb.ForwardBackwardCustomResponse, logprobs, batch.lengths, dtype)
+                grad = await self._read_gradient(context, batch.lengths)
+                await self.runtime.on_device(session.state.backward, logprobs, grad)
+            finally:
+                logprobs = None  # drop the graph now, even while an exception holds this frame
+        result = pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
+        await context.write(pb.ForwardBackwardCustomResponse(result=result))
+
+    @translate_errors
+    async def OptimStep(
+        self, request: pb.OptimStepRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.OptimStepResponse:
+        """AdamW on the accumulated gradients; always reports the gradient norm."""
+        session = self.runtime.session(request.call.session_id)
+        async with session.call(request.call.seq) as call:
+            settings = AdamSettings(request.adam_params)
+            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+            step, norm = await self.runtime.on_device(session.state.optim_step, settings)
+        return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+
+    @translate_errors
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CloseSessionResponse:
+        """Close the session after its earlier calls; its memory is freed."""
+        session = self.runtime.session(request.call.session_id)
+        async with session.call(request.call.seq) as call:
+            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+            await self.runtime.close_session(session)
+        return pb.CloseSessionResponse()

@@ -1,0 +1,173 @@
+"""Training sessions and the sequencer that runs each session's calls in order.
+
+Invariants:
+- A session's calls carry client-assigned sequence numbers 1, 2, 3, ...; a call runs only
+  when every smaller number has finished (applied, failed, or refused), whatever order
+  the RPCs arrived in.
+- A call that is refused or cancelled before its turn still takes its slot: when the
+  sequencer reaches it, it is skipped, so later calls are not held up.
+- A number that never arrives is a gap. A call waiting behind a gap for longer than the
+  gap timeout (or its deadline) is aborted and not applied, and the gap is skipped, so no
+  optimizer step is ever applied over a missing call.
+- A number is used once: a second call with a number already seen is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+
+from trainer_server._engine import SessionModel
+from trainer_server._errors import ServiceError, invalid_argument, not_found, resource_exhausted
+from trainer_server._models import BaseModel
+
+__all__ = ["SequencedCall", "Session", "SessionRegistry"]
+
+log = logging.getLogger("trainer_server.sessions")
+
+
+class Session:
+    """One training session: its model state and its call sequencer."""
+
+    def __init__(self, session_id: str, base: BaseModel, state: SessionModel) -> None:
+        self.id = session_id
+        self.base = base
+        self.state = state
+        self.next_seq = 1
+        self.closed = False
+        self.created_at = time.time()
+        self._seen: set[int] = set()  # numbers that arrived and are not yet past
+        self._done_early: set[int] = set()  # refused/cancelled before their turn
+        self._changed = asyncio.Condition()
+
+    def _advance(self) -> None:
+        while self.next_seq in self._done_early:
+            self._done_early.discard(self.next_seq)
+            self.next_seq += 1
+
+    async def _finish(self, seq: int, *, had_turn: bool) -> None:
+        async with self._changed:
+            self._seen.discard(seq)
+            if had_turn:
+                self.next_seq = seq + 1
+            elif seq >= self.next_seq:
+                self._done_early.add(seq)
+            self._advance()
+            self._changed.notify_all()
+
+    @asynccontextmanager
+    async def call(self, seq: int) -> AsyncIterator[SequencedCall]:
+        """Hold sequence number ``seq`` for the body; let ``seq + 1`` go afterwards.
+
+        Validate the request inside the body before :meth:`SequencedCall.wait_turn`, so
+        bad input is refused at once; whichever way the body ends, the number is used up.
+
+        Raises:
+            ServiceError: INVALID_ARGUMENT for 0, ALREADY_EXISTS for a number already used,
+                NOT_FOUND when the session is closed.
+        """
+        if seq == 0:
+            raise invalid_argument("call.seq is required and starts at 1")
+        if seq < self.next_seq or seq in self._seen or seq in self._done_early:
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"session {self.id}: sequence number {seq} was already used (next expected: {self.next_seq})",
+            )
+        if self.closed:
+            raise not_found(f"session {self.id} is closed")
+        self._seen.add(seq)
+        sequenced = SequencedCall(self, seq)
+        try:
+            yield sequenced
+        finally:
+            await asyncio.shield(self._finish(seq, had_turn=sequenced.had_turn))
+
+
+class SequencedCall:
+    """A call holding its sequence number; see :meth:`Session.call`."""
+
+    def __init__(self, session: Session, seq: int) -> None:
+        self.session = session
+        self.seq = seq
+        self.had_turn = False
+
+    async def wait_turn(self, gap_timeout_s: float) -> None:
+        """Wait until every earlier call of the session has finished.
+
+        Raises:
+            ServiceError: ABORTED when an earlier number did not arrive within
+                ``gap_timeout_s`` (the gap is then skipped); NOT_FOUND when the session
+                was closed meanwhile.
+        """
+        s = self.session
+        async with s._changed:
+            try:
+                await asyncio.wait_for(s._changed.wait_for(lambda: s.next_seq == self.seq or s.closed), gap_timeout_s)
+            except TimeoutError:
+                missing = s.next_seq
+                log.warning("session %s: call %d gave up waiting for call %d; skipping the gap", s.id, self.seq, missing)
+                s.next_seq = self.seq
+                self.had_turn = True  # everything up to and including this call is used up
+                raise ServiceError(
+                    grpc.StatusCode.ABORTED,
+                    f"session {s.id}: call {self.seq} waited {gap_timeout_s:g}s for call {missing}, which never "
+                    f"arrived; call {self.seq} was not applied and calls {missing}..{self.seq} are skipped",
+                ) from None
+        if s.closed:
+            raise not_found(f"session {s.id} is closed")
+        self.had_turn = True
+
+
+class SessionRegistry:
+    """All open sessions, by id."""
+
+    def __init__(self, max_sessions: int) -> None:
+        self.max_sessions = max_sessions
+        self._sessions: dict[str, Session] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def check_capacity(self) -> None:
+        """Raise RESOURCE_EXHAUSTED when no more sessions may be opened."""
+        if len(self._sessions) >= self.max_sessions:
+            raise resource_exhausted(
+                f"{len(self._sessions)} sessions are open, the limit max_sessions={self.max_sessions}; close one first"
+            )
+
+    def add(self, base: BaseModel, state: SessionModel) -> Session:
+        """Register a new session under a fresh id."""
+        self.check_capacity()
+        session = Session(f"s-{uuid.uuid4().hex[:16]}", base, state)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str) -> Session:
+        """Look up an open session.
+
+        Raises:
+            ServiceError: INVALID_ARGUMENT for an empty id, NOT_FOUND for an unknown one.
+        """
+        if not session_id:
+            raise invalid_argument("call.session_id is required")
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise not_found(f"session {session_id!r} does not exist (closed, or never created on this server)")
+        return session
+
+    async def close(self, session: Session) -> None:
+        """Remove a session and wake its waiting calls, which then fail NOT_FOUND."""
+        self._sessions.pop(session.id, None)
+        async with session._changed:
+            session.closed = True
+            session._changed.notify_all()
+
+    def all(self) -> list[Session]:
+        """Open sessions."""
+        return list(self._sessions.values())
