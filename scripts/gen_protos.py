@@ -43,7 +43,7 @@ def _rewrite_imports(text: str, proto_packages: set[str]) -> str:
 
 def generate(out: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) and mypy-protobuf; return the files written."""
-    from grpc_tools import protoc  # noqa: PLC0415 - build-time dependency only
+    from grpc_tools import protoc
 
     protos = proto_files()
     with tempfile.TemporaryDirectory() as tmp:

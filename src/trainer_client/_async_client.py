@@ -81,6 +81,14 @@ def _batches(data: Sequence[Datum], chunk_bytes: int) -> Iterator[pb.DatumBatch]
         yield batch
 
 
+_REQUESTS: Mapping[str, Any] = {
+    "Forward": pb.ForwardRequest,
+    "ForwardBackward": pb.ForwardBackwardRequest,
+    "ForwardBackwardCustom": pb.ForwardBackwardCustomRequest,
+}
+"""Request message class of each datum-streaming RPC."""
+
+
 class _Stream:
     """One bidi call with typed reads: errors become client exceptions."""
 
@@ -206,7 +214,9 @@ class AsyncTrainingClient:
             return await run(seq)
 
         task = loop.create_task(call(), name=f"trainer {name} #{seq}")
-        return APIFuture(task, description=f"{name} #{seq} of session {self.session_id}", on_failure=self._record_failure)
+        return APIFuture(
+            task, description=f"{name} #{seq} of session {self.session_id}", on_failure=self._record_failure
+        )
 
     def _header(self, seq: int) -> pb.CallHeader:
         return pb.CallHeader(session_id=self.session_id, seq=seq)
@@ -217,16 +227,10 @@ class AsyncTrainingClient:
         return _Stream(call, method)
 
     async def _send_datums(self, stream: _Stream, start_field: str, start: Any, batches: list[pb.DatumBatch]) -> None:
-        request = type(self)._REQUESTS[stream.method]
+        request = _REQUESTS[stream.method]
         await stream.write(request(**{start_field: start}))
         for batch in batches:
             await stream.write(request(datums=batch))
-
-    _REQUESTS: dict[str, Any] = {
-        "Forward": pb.ForwardRequest,
-        "ForwardBackward": pb.ForwardBackwardRequest,
-        "ForwardBackwardCustom": pb.ForwardBackwardCustomRequest,
-    }
 
     # ---- training calls ---------------------------------------------------------------
 
@@ -336,7 +340,9 @@ class AsyncTrainingClient:
                 stream.cancel()  # the server drops the held graph; nothing is applied
                 raise
             return ForwardBackwardOutput(
-                loss=loss, metrics=metrics, logprobs=[t.detach() for t in torch.split(flat, lengths)],
+                loss=loss,
+                metrics=metrics,
+                logprobs=[t.detach() for t in torch.split(flat, lengths)],
                 num_tokens=result.num_tokens,
             )
 
@@ -435,7 +441,9 @@ class AsyncServiceClient:
 
     async def get_server_info(self) -> ServerInfo:
         """Version, models, devices, limits and capabilities of the server."""
-        response = await self._unary("GetServerInfo", pb.GetServerInfoRequest(), self.config.unary_timeout_s, retry=True)
+        response = await self._unary(
+            "GetServerInfo", pb.GetServerInfoRequest(), self.config.unary_timeout_s, retry=True
+        )
         return ServerInfo.from_proto(response)
 
     async def create_training_client(
@@ -483,7 +491,9 @@ class AsyncServiceClient:
         async def attempt() -> dict[str, bytes]:
             files: dict[str, bytearray] = {}
             call = self._stub.GetTokenizer(
-                pb.GetTokenizerRequest(base_model=base_model), timeout=self.config.unary_timeout_s, metadata=self._metadata
+                pb.GetTokenizerRequest(base_model=base_model),
+                timeout=self.config.unary_timeout_s,
+                metadata=self._metadata,
             )
             async for chunk in call:
                 buf = files.setdefault(chunk.file_name, bytearray())

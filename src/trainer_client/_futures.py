@@ -117,7 +117,7 @@ class APIFuture(Generic[T]):
             self.result(timeout)
         except TimeoutError:
             raise
-        except BaseException as exc:  # noqa: BLE001 - returning the call's own error
+        except BaseException as exc:
             return exc
         return None
 

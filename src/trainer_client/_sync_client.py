@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -48,7 +48,27 @@ def _warn_if_in_event_loop(what: str) -> None:
     )
 
 
-class TrainingClient:
+class _OnPortal:
+    """Runs the async client's methods on the portal's loop thread."""
+
+    _portal: BlockingPortal
+
+    def _submit(self, fn: Callable[..., APIFuture[T]], *args: Any, **kwargs: Any) -> APIFuture[T]:
+        """Call a method that starts a call and returns its future (no waiting)."""
+        _warn_if_in_event_loop(f"{type(self).__name__}.{fn.__name__}")
+        return self._portal.call(lambda: fn(*args, **kwargs))
+
+    def _wait(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
+        """Run a coroutine method to completion."""
+        _warn_if_in_event_loop(f"{type(self).__name__}.{fn.__name__}")
+
+        async def run() -> T:
+            return await fn(*args, **kwargs)
+
+        return self._portal.call(run)
+
+
+class TrainingClient(_OnPortal):
     """Sync facade over :class:`AsyncTrainingClient`; see that class for each method."""
 
     def __init__(self, portal: BlockingPortal, inner: AsyncTrainingClient) -> None:
@@ -57,13 +77,9 @@ class TrainingClient:
         self.session_id = inner.session_id
         self.base_model = inner.base_model
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        _warn_if_in_event_loop(f"TrainingClient.{fn.__name__}")
-        return self._portal.call(lambda: fn(*args, **kwargs))
-
     def forward(self, data: Sequence[Datum], *, logprobs_dtype: str = "float32") -> APIFuture[ForwardOutput]:
         """See :meth:`AsyncTrainingClient.forward`."""
-        return self._call(self._inner.forward, data, logprobs_dtype=logprobs_dtype)
+        return self._submit(self._inner.forward, data, logprobs_dtype=logprobs_dtype)
 
     def forward_backward(
         self,
@@ -74,25 +90,27 @@ class TrainingClient:
         return_logprobs: bool = False,
     ) -> APIFuture[ForwardBackwardOutput]:
         """See :meth:`AsyncTrainingClient.forward_backward`."""
-        return self._call(self._inner.forward_backward, data, loss_fn, loss_fn_config, return_logprobs=return_logprobs)
+        return self._submit(
+            self._inner.forward_backward, data, loss_fn, loss_fn_config, return_logprobs=return_logprobs
+        )
 
     def forward_backward_custom(
         self, data: Sequence[Datum], loss_fn: LossFn, *, logprobs_dtype: str = "float32"
     ) -> APIFuture[ForwardBackwardOutput]:
         """See :meth:`AsyncTrainingClient.forward_backward_custom`."""
-        return self._call(self._inner.forward_backward_custom, data, loss_fn, logprobs_dtype=logprobs_dtype)
+        return self._submit(self._inner.forward_backward_custom, data, loss_fn, logprobs_dtype=logprobs_dtype)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
         """See :meth:`AsyncTrainingClient.optim_step`."""
-        return self._call(self._inner.optim_step, adam_params)
+        return self._submit(self._inner.optim_step, adam_params)
 
     def get_tokenizer(self) -> Any:
         """See :meth:`AsyncTrainingClient.get_tokenizer`."""
-        return self._call(self._inner.get_tokenizer)
+        return self._wait(self._inner.get_tokenizer)
 
     def close(self) -> None:
         """Close the session after the calls already submitted."""
-        self._call(self._inner.close)
+        self._wait(self._inner.close)
 
     def __enter__(self) -> TrainingClient:
         return self
@@ -103,13 +121,13 @@ class TrainingClient:
         self.close()
 
 
-class ServiceClient:
+class ServiceClient(_OnPortal):
     """Sync facade over :class:`AsyncServiceClient`; arguments are the same."""
 
     def __init__(
         self, target: str = "localhost:50051", *, api_key: str | None = None, config: ClientConfig | None = None
     ) -> None:
-        self._portal_cm = start_blocking_portal(backend="asyncio")
+        self._portal_cm: Any = start_blocking_portal(backend="asyncio")
         self._portal = self._portal_cm.__enter__()
 
         async def make() -> AsyncServiceClient:
@@ -117,13 +135,9 @@ class ServiceClient:
 
         self._inner = self._portal.call(make)
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        _warn_if_in_event_loop(f"ServiceClient.{fn.__name__}")
-        return self._portal.call(lambda: fn(*args, **kwargs))
-
     def get_server_info(self) -> ServerInfo:
         """See :meth:`AsyncServiceClient.get_server_info`."""
-        return self._call(self._inner.get_server_info)
+        return self._wait(self._inner.get_server_info)
 
     def create_training_client(
         self,
@@ -135,7 +149,7 @@ class ServiceClient:
         seed: int = 0,
     ) -> TrainingClient:
         """See :meth:`AsyncServiceClient.create_training_client`."""
-        inner = self._call(
+        inner = self._wait(
             self._inner.create_training_client,
             base_model,
             lora_rank=lora_rank,
@@ -147,7 +161,7 @@ class ServiceClient:
 
     def get_tokenizer(self, base_model: str) -> Any:
         """See :meth:`AsyncServiceClient.get_tokenizer`."""
-        return self._call(self._inner.get_tokenizer, base_model)
+        return self._wait(self._inner.get_tokenizer, base_model)
 
     def close(self) -> None:
         """Close the channel and stop the background loop."""

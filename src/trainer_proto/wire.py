@@ -90,7 +90,7 @@ def _contiguous_bytes(tensor: torch.Tensor) -> memoryview:
         t = t.cpu()
     t = t.contiguous()
     # bfloat16 has no numpy dtype: view the storage as raw bytes instead.
-    return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(b"")
+    return t.view(torch.uint8).numpy().data.cast("B") if t.numel() else memoryview(b"")
 
 
 def tensor_to_wire(tensor: torch.Tensor) -> pb.TensorData:

@@ -108,7 +108,9 @@ def parse_datums(datums: Sequence[pb.Datum], base: BaseModel, limits: Limits) ->
                 f"{where}: sequence of {n} tokens is longer than the model's maximum of {base.max_sequence_length}"
             )
         ids = _check_ids(ids, f"{where}: model_input", base.vocab_size)
-        inputs = {name: _decode(t, f"{where}: loss_fn_inputs[{name!r}]", max_bytes) for name, t in d.loss_fn_inputs.items()}
+        inputs = {
+            name: _decode(t, f"{where}: loss_fn_inputs[{name!r}]", max_bytes) for name, t in d.loss_fn_inputs.items()
+        }
         for name, t in inputs.items():
             if t.shape != (n,):
                 raise invalid_argument(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import torch
@@ -79,7 +79,7 @@ class SessionModel:
 
             config = LoraConfig(
                 r=lora.rank,
-                lora_alpha=lora.alpha or lora.rank,
+                lora_alpha=cast(Any, lora.alpha or lora.rank),  # peft annotates int; floats work
                 target_modules=list(lora.target_modules) or "all-linear",
                 lora_dropout=0.0,
                 bias="none",
@@ -120,14 +120,14 @@ class SessionModel:
             mask[row, : len(tok)] = True
         ids, targets, mask = ids.to(self.device), targets.to(self.device), mask.to(self.device)
         with torch.set_grad_enabled(grad):
-            logits = self.model(input_ids=ids, attention_mask=mask.long()).logits.float()
+            logits: torch.Tensor = self.model(input_ids=ids, attention_mask=mask.long()).logits.float()
             target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
             logprobs = target_logits - torch.logsumexp(logits, dim=-1)
             return logprobs[mask]
 
     def backward(self, logprobs: torch.Tensor, grad_output: torch.Tensor) -> None:
         """Finish the backward pass from d_loss/d_logprobs; gradients accumulate."""
-        logprobs.backward(grad_output.to(device=logprobs.device, dtype=logprobs.dtype))
+        torch.autograd.backward(logprobs, grad_output.to(device=logprobs.device, dtype=logprobs.dtype))
 
     def optim_step(self, settings: AdamSettings) -> tuple[int, float]:
         """Apply AdamW to the accumulated gradients, clear them; return (step, grad norm).

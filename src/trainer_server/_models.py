@@ -91,7 +91,7 @@ def load_base_model(name: str, path: Path, device: torch.device, dtype: str) -> 
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model {name!r}: {path} has no config.json (expected a Hugging Face model directory)")
     log.info("loading model %r from %s (%s on %s)", name, path, dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=False)
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], trust_remote_code=False)
     model.to(device)
     model.eval()  # no dropout: the service computes deterministic logprobs and gradients
     model.requires_grad_(False)

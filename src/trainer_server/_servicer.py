@@ -33,7 +33,7 @@ log = logging.getLogger("trainer_server.servicer")
 _Servicer = TypeVar("_Servicer", bound="TrainerServicer")
 _Handler = Callable[[_Servicer, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
-_LOGPROB_DTYPES = {
+_LOGPROB_DTYPES: dict[int, torch.dtype] = {
     pb.DATA_TYPE_UNSPECIFIED: torch.float32,
     pb.DATA_TYPE_FLOAT32: torch.float32,
     pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
@@ -93,7 +93,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             raise invalid_argument(f"the first message must be 'start', got {msg.WhichOneof('message')!r}")
         return msg.start
 
-    async def _read_batch(self, context: grpc.aio.ServicerContext[Any, Any], session: Session, num_datums: int) -> Batch:
+    async def _read_batch(
+        self, context: grpc.aio.ServicerContext[Any, Any], session: Session, num_datums: int
+    ) -> Batch:
         if num_datums == 0:
             raise invalid_argument("the batch has no datums (start.num_datums is 0); send at least one")
         limits = self.runtime.config.limits
@@ -136,11 +138,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 f"gradient has {sum(header.lengths)} values in {len(header.lengths)} datums, but the logprobs have "
                 f"{sum(lengths)} in {len(lengths)} (lengths {list(header.lengths)} vs {lengths})"
             )
-        assembler = wire.ChunkAssembler(
-            header, "gradient", max_bytes=self.runtime.config.limits.max_message_bytes * 64
-        )
+        assembler = wire.ChunkAssembler(header, "gradient", max_bytes=self.runtime.config.limits.max_message_bytes * 64)
         while not assembler.done:
-            msg = await self._read(context, f"gradient bytes ({assembler.received} of {assembler.total_bytes} received)")
+            msg = await self._read(
+                context, f"gradient bytes ({assembler.received} of {assembler.total_bytes} received)"
+            )
             if msg.WhichOneof("message") != "grad_chunk":
                 raise invalid_argument(f"expected 'grad_chunk', got {msg.WhichOneof('message')!r}")
             assembler.add(msg.grad_chunk)
@@ -181,7 +183,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         )
 
     @translate_errors
-    async def GetTokenizer(self, request: pb.GetTokenizerRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def GetTokenizer(self, request: pb.GetTokenizerRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Stream the model's tokenizer files in chunks."""
         base = self.runtime.model(request.base_model)
         if not base.tokenizer_files:
@@ -196,7 +198,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 )
 
     @translate_errors
-    async def Forward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def Forward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Logprobs of the targets on the session's current weights; nothing is kept."""
         start = await self._read_start(context)
         session = self.runtime.session(start.call.session_id)
@@ -209,7 +211,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         await context.write(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
 
     @translate_errors
-    async def ForwardBackward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def ForwardBackward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """A built-in loss: forward, loss, backward; gradients accumulate."""
         start = await self._read_start(context)
         session = self.runtime.session(start.call.session_id)
@@ -237,7 +239,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         await context.write(pb.ForwardBackwardResponse(result=result))
 
     @translate_errors
-    async def ForwardBackwardCustom(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    async def ForwardBackwardCustom(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Logprobs out, d_loss/d_logprobs in, backward from the graph held in between.
 
         A stream that breaks before the whole gradient arrived applies nothing: the graph

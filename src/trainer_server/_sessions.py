@@ -111,7 +111,9 @@ class SequencedCall:
                 await asyncio.wait_for(s._changed.wait_for(lambda: s.next_seq == self.seq or s.closed), gap_timeout_s)
             except TimeoutError:
                 missing = s.next_seq
-                log.warning("session %s: call %d gave up waiting for call %d; skipping the gap", s.id, self.seq, missing)
+                log.warning(
+                    "session %s: call %d gave up waiting for call %d; skipping the gap", s.id, self.seq, missing
+                )
                 s.next_seq = self.seq
                 self.had_turn = True  # everything up to and including this call is used up
                 raise ServiceError(
