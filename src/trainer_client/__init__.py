@@ -46,7 +46,10 @@ from trainer_client._errors import (
 from trainer_client._futures import APIFuture
 from trainer_client._sync_client import ServiceClient, TrainingClient
 from trainer_client._types import (
+    CHECKPOINT_KINDS,
     AdamParams,
+    CheckpointFile,
+    CheckpointInfo,
     Datum,
     ForwardBackwardOutput,
     ForwardOutput,
@@ -57,6 +60,7 @@ from trainer_client._types import (
 )
 
 __all__ = [
+    "CHECKPOINT_KINDS",
     "APIFuture",
     "APIStatusError",
     "AbortedError",
@@ -65,6 +69,8 @@ __all__ = [
     "AsyncServiceClient",
     "AsyncTrainingClient",
     "CallCancelledError",
+    "CheckpointFile",
+    "CheckpointInfo",
     "ClientConfig",
     "DataLossError",
     "Datum",

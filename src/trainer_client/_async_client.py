@@ -20,8 +20,10 @@ loop (the sync facade runs that loop in a background thread).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -30,7 +32,9 @@ import torch
 
 from trainer_client._config import ClientConfig
 from trainer_client._errors import (
+    DataLossError,
     LossFunctionError,
+    NotFoundError,
     PreviousCallFailedError,
     ProtocolError,
     UnavailableError,
@@ -39,7 +43,10 @@ from trainer_client._errors import (
 )
 from trainer_client._futures import APIFuture
 from trainer_client._types import (
+    CHECKPOINT_KINDS,
     AdamParams,
+    CheckpointFile,
+    CheckpointInfo,
     Datum,
     ForwardBackwardOutput,
     ForwardOutput,
@@ -87,6 +94,14 @@ _REQUESTS: Mapping[str, Any] = {
     "ForwardBackwardCustom": pb.ForwardBackwardCustomRequest,
 }
 """Request message class of each datum-streaming RPC."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class _Stream:
@@ -359,6 +374,30 @@ class AsyncTrainingClient:
 
         return self._submit("optim_step", run)
 
+    def save_checkpoint(self, name: str, kind: str = "state", *, dtype: str = "bfloat16") -> APIFuture[CheckpointInfo]:
+        """Save a checkpoint after the calls already submitted (a barrier on the server).
+
+        Args:
+            name: the checkpoint's name (letters, digits, ``.``, ``_``, ``-``).
+            kind: "state" (resumable: weights, optimizer, step, RNG), "base" (full Hugging
+                Face weights, LoRA merged), "delta" (lossless diff from this session's
+                last base) or "adapter" (LoRA in PEFT layout).
+            dtype: export dtype of "base" weights: "bfloat16" or "float32". A delta uses
+                its base's dtype.
+        """
+        if kind not in CHECKPOINT_KINDS:
+            raise ValueError(f"kind must be one of {CHECKPOINT_KINDS}, got {kind!r}")
+        request = pb.SaveCheckpointRequest(
+            name=name, kind=pb.CheckpointKind.Value(f"CHECKPOINT_KIND_{kind.upper()}"), dtype=_wire_dtype(dtype)
+        )
+
+        async def run(seq: int) -> CheckpointInfo:
+            request.call.CopyFrom(self._header(seq))
+            response = await self._service._unary("SaveCheckpoint", request, self._service.config.timeout_s)
+            return CheckpointInfo.from_proto(response.checkpoint)
+
+        return self._submit("save_checkpoint", run)
+
     async def get_tokenizer(self) -> Any:
         """The base model's tokenizer (a ``tokenizers.Tokenizer``), fetched once."""
         return await self._service.get_tokenizer(self.base_model)
@@ -473,6 +512,92 @@ class AsyncServiceClient:
             request.lora.target_modules.extend(lora_target_modules or [])
         response = await self._unary("CreateSession", request, self.config.unary_timeout_s)
         return AsyncTrainingClient(self, response)
+
+    async def create_training_client_from_state(self, checkpoint: str) -> AsyncTrainingClient:
+        """Resume training from a STATE checkpoint (on this or any server that has it).
+
+        The new session has the checkpoint's base model, mode, weights, optimizer state
+        and step; training continues exactly as if it had never stopped.
+        """
+        request = pb.CreateSessionRequest(resume_from=checkpoint)
+        response = await self._unary("CreateSession", request, self.config.unary_timeout_s)
+        return AsyncTrainingClient(self, response)
+
+    async def list_checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints on the server, oldest first."""
+        response = await self._unary(
+            "ListCheckpoints", pb.ListCheckpointsRequest(), self.config.unary_timeout_s, retry=True
+        )
+        return [CheckpointInfo.from_proto(c) for c in response.checkpoints]
+
+    async def delete_checkpoint(self, name: str) -> None:
+        """Delete a checkpoint."""
+        await self._unary("DeleteCheckpoint", pb.DeleteCheckpointRequest(name=name), self.config.unary_timeout_s)
+
+    async def download_checkpoint(self, name: str, out_dir: str | Path, *, progress: bool = True) -> Path:
+        """Download a checkpoint's files into ``out_dir``; resumable, sha256-verified.
+
+        Each file is streamed into ``FILE.part`` from where an earlier, interrupted
+        download stopped, then checked against the manifest's sha256 and renamed. Files
+        already present with the right hash are skipped.
+
+        Raises:
+            DataLossError: a file's bytes do not match its sha256 (the partial file is
+                removed, so a retry starts that file afresh).
+        """
+        info = next((c for c in await self.list_checkpoints() if c.name == name), None)
+        if info is None:
+            raise NotFoundError(f"checkpoint {name!r} does not exist", method="DownloadCheckpoint")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        from tqdm.auto import tqdm
+
+        with tqdm(
+            total=info.total_bytes, unit="B", unit_scale=True, desc=f"download {name}", disable=not progress
+        ) as bar:
+            for f in info.files:
+                await self._download_file(name, f, out, bar)
+            await self._download_file(name, None, out, bar)
+        return out
+
+    async def _download_file(self, name: str, entry: CheckpointFile | None, out: Path, bar: Any) -> None:
+        file_name = entry.path if entry is not None else "manifest.json"
+        dest = out / file_name
+        if (
+            entry is not None
+            and dest.is_file()
+            and dest.stat().st_size == entry.size
+            and await asyncio.to_thread(_sha256, dest) == entry.sha256
+        ):
+            bar.update(entry.size)
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + ".part")
+        offset = part.stat().st_size if part.exists() else 0
+        if entry is not None:
+            bar.update(offset)
+
+        async def attempt() -> None:
+            nonlocal offset
+            request = pb.DownloadCheckpointRequest(name=name, file=file_name, offset=offset)
+            call = self._stub.DownloadCheckpoint(request, timeout=self.config.timeout_s, metadata=self._metadata)
+            with part.open("ab") as fh:
+                async for chunk in call:
+                    if chunk.offset != offset:
+                        raise ProtocolError(f"DownloadCheckpoint: chunk at {chunk.offset}, expected {offset}")
+                    fh.write(chunk.data)
+                    offset += len(chunk.data)
+                    if entry is not None:
+                        bar.update(len(chunk.data))
+
+        await self._with_retry("DownloadCheckpoint", attempt, retry=True)
+        if entry is not None and (offset != entry.size or await asyncio.to_thread(_sha256, part) != entry.sha256):
+            part.unlink()
+            raise DataLossError(
+                f"{file_name} of checkpoint {name!r} does not match its sha256; removed, retry the download",
+                method="DownloadCheckpoint",
+            )
+        part.replace(dest)
 
     async def get_tokenizer(self, base_model: str) -> Any:
         """The tokenizer of a served model, as a ``tokenizers.Tokenizer`` (cached)."""

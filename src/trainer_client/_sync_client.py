@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -22,6 +23,7 @@ from trainer_client._config import ClientConfig
 from trainer_client._futures import APIFuture
 from trainer_client._types import (
     AdamParams,
+    CheckpointInfo,
     Datum,
     ForwardBackwardOutput,
     ForwardOutput,
@@ -104,6 +106,10 @@ class TrainingClient(_OnPortal):
         """See :meth:`AsyncTrainingClient.optim_step`."""
         return self._submit(self._inner.optim_step, adam_params)
 
+    def save_checkpoint(self, name: str, kind: str = "state", *, dtype: str = "bfloat16") -> APIFuture[CheckpointInfo]:
+        """See :meth:`AsyncTrainingClient.save_checkpoint`."""
+        return self._submit(self._inner.save_checkpoint, name, kind, dtype=dtype)
+
     def get_tokenizer(self) -> Any:
         """See :meth:`AsyncTrainingClient.get_tokenizer`."""
         return self._wait(self._inner.get_tokenizer)
@@ -158,6 +164,22 @@ class ServiceClient(_OnPortal):
             seed=seed,
         )
         return TrainingClient(self._portal, inner)
+
+    def create_training_client_from_state(self, checkpoint: str) -> TrainingClient:
+        """See :meth:`AsyncServiceClient.create_training_client_from_state`."""
+        return TrainingClient(self._portal, self._wait(self._inner.create_training_client_from_state, checkpoint))
+
+    def list_checkpoints(self) -> list[CheckpointInfo]:
+        """See :meth:`AsyncServiceClient.list_checkpoints`."""
+        return self._wait(self._inner.list_checkpoints)
+
+    def delete_checkpoint(self, name: str) -> None:
+        """See :meth:`AsyncServiceClient.delete_checkpoint`."""
+        self._wait(self._inner.delete_checkpoint, name)
+
+    def download_checkpoint(self, name: str, out_dir: str | Path, *, progress: bool = True) -> Path:
+        """See :meth:`AsyncServiceClient.download_checkpoint`."""
+        return self._wait(self._inner.download_checkpoint, name, out_dir, progress=progress)
 
     def get_tokenizer(self, base_model: str) -> Any:
         """See :meth:`AsyncServiceClient.get_tokenizer`."""

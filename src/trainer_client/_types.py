@@ -20,7 +20,10 @@ if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 __all__ = [
+    "CHECKPOINT_KINDS",
     "AdamParams",
+    "CheckpointFile",
+    "CheckpointInfo",
     "Datum",
     "ForwardBackwardOutput",
     "ForwardOutput",
@@ -266,4 +269,67 @@ class ServerInfo:
             limits={f.name: int(v) for f, v in msg.limits.ListFields()},
             capabilities=list(msg.capabilities),
             loss_functions=list(msg.loss_functions),
+        )
+
+
+CHECKPOINT_KINDS = ("base", "delta", "adapter", "state")
+"""Checkpoint kinds: full weights, lossless delta from the last base, LoRA adapter, resumable state."""
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    """One file of a checkpoint."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint.
+
+    Attributes:
+        name: its name on the server.
+        kind: one of :data:`CHECKPOINT_KINDS`.
+        base_model: the base model it belongs to.
+        session_id: the session that saved it.
+        step: optimizer steps taken when it was saved.
+        seq: the sequence number of the save call.
+        dtype: export dtype of the weights.
+        created_at: Unix time of the save.
+        files: its files, with sizes and sha256.
+        base_checkpoint: for a delta, the BASE it applies to.
+    """
+
+    name: str
+    kind: str
+    base_model: str
+    session_id: str
+    step: int
+    seq: int
+    dtype: str
+    created_at: float
+    files: list[CheckpointFile]
+    base_checkpoint: str
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of all files."""
+        return sum(f.size for f in self.files)
+
+    @classmethod
+    def from_proto(cls, msg: pb.CheckpointInfo) -> CheckpointInfo:
+        """Decode the server's description."""
+        return cls(
+            name=msg.name,
+            kind=pb.CheckpointKind.Name(msg.kind).removeprefix("CHECKPOINT_KIND_").lower(),
+            base_model=msg.base_model,
+            session_id=msg.session_id,
+            step=msg.step,
+            seq=msg.seq,
+            dtype=msg.dtype,
+            created_at=msg.created_at,
+            files=[CheckpointFile(path=f.path, size=f.size, sha256=f.sha256) for f in msg.files],
+            base_checkpoint=msg.base_checkpoint,
         )

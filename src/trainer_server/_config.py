@@ -56,6 +56,8 @@ class ServerConfig:
             that has not arrived before it is aborted (and the gap skipped).
         shutdown_grace_s: how long stop() lets in-flight calls finish.
         keepalive_time_s: keepalive ping interval (matches the client's default).
+        checkpoint_dir: where checkpoints are written; None means
+            ``$TRAINER_HOME/checkpoints``.
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -67,6 +69,7 @@ class ServerConfig:
     sequence_gap_timeout_s: float = 120.0
     shutdown_grace_s: float = 5.0
     keepalive_time_s: float = options.DEFAULT_KEEPALIVE_TIME_S
+    checkpoint_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from typing import Any, cast
 
 import grpc
@@ -71,6 +72,10 @@ class SessionModel:
     def __init__(self, base: BaseModel, lora: pb.LoraConfig | None, seed: int) -> None:
         self.base = base
         self.device = base.device
+        self.lora = lora
+        self.seed = seed
+        self.last_base = ""
+        """Name of the session's last BASE checkpoint (what a DELTA is taken against)."""
         if lora is None:
             self.model: Any = copy.deepcopy(base.model)
             self.model.requires_grad_(True)
@@ -84,7 +89,8 @@ class SessionModel:
                 lora_dropout=0.0,
                 bias="none",
             )
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations inside peft
                 torch.manual_seed(seed)
                 self.model = get_peft_model(_share_base_copy(base.model), config)
         self.model.eval()

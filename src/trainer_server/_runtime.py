@@ -15,18 +15,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import grpc
 import torch
 
 from trainer_proto import pb
+from trainer_server import _export
+from trainer_server._checkpoints import CheckpointStore, Manifest
+from trainer_server._checkpoints import now as _now
 from trainer_server._config import ServerConfig
 from trainer_server._engine import SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found
 from trainer_server._losses import LOSSES
 from trainer_server._models import BaseModel, load_base_model
-from trainer_server._sessions import Session, SessionRegistry
+from trainer_server._sessions import SequencedCall, Session, SessionRegistry
+from trainer_server.builtin_models import trainer_home
 
 __all__ = ["CAPABILITIES", "Runtime", "server_version"]
 
@@ -44,6 +48,9 @@ CAPABILITIES = (
     "full_fine_tune",
     "bfloat16_logprobs",
     "tokenizer",
+    "checkpoints",
+    "delta_checkpoints",
+    "resume",
 )
 MAX_LORA_RANK = 1024
 
@@ -73,6 +80,7 @@ class Runtime:
         self.models: dict[str, BaseModel] = {}
         self.sessions = SessionRegistry(config.limits.max_sessions)
         self.ready = False
+        self.checkpoints = CheckpointStore(config.checkpoint_dir or trainer_home() / "checkpoints")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-device")
 
     async def on_device(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -116,6 +124,8 @@ class Runtime:
 
     async def create_session(self, request: pb.CreateSessionRequest) -> Session:
         """Validate a CreateSession request and build the session on the device thread."""
+        if request.resume_from:
+            return await self._resume_session(request)
         base = self.model(request.base_model)
         mode = request.WhichOneof("mode")
         if mode is None:
@@ -140,6 +150,114 @@ class Runtime:
             state.num_trainable,
         )
         return session
+
+    async def _resume_session(self, request: pb.CreateSessionRequest) -> Session:
+        """Build a session from a STATE checkpoint; training continues exactly."""
+        manifest = self.checkpoints.manifest(request.resume_from)
+        if manifest.kind != "state":
+            raise invalid_argument(
+                f"resume_from needs a STATE checkpoint; {manifest.name!r} is {manifest.kind.upper()}"
+            )
+        if request.base_model and request.base_model != manifest.base_model:
+            raise invalid_argument(
+                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {request.base_model!r}"
+            )
+        if request.WhichOneof("mode") is not None:
+            raise invalid_argument("resume_from takes the mode from the checkpoint; do not set lora or full")
+        base = self.model(manifest.base_model)
+        self.sessions.check_capacity()
+        directory = self.checkpoints.path(manifest.name)
+        await asyncio.to_thread(self.checkpoints.verify, manifest.name)
+        info, lora = _export.read_state_info(directory)
+
+        def build() -> SessionModel:
+            state = SessionModel(base, lora, int(info["seed"]))
+            _export.load_state(state, directory, info)
+            state.last_base = str(info.get("last_base", ""))
+            return state
+
+        session = self.sessions.add(base, await self.on_device(build))
+        log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
+        return session
+
+    def _check_save(self, session: Session, name: str, kind: int, dtype: int) -> tuple[str, torch.dtype]:
+        """Validate a save before its turn; return the kind's name and the export dtype."""
+        self.checkpoints.path(name)  # validates the name
+        if self.checkpoints.exists(name):
+            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {name!r} already exists; delete it first")
+        kinds: dict[int, str] = {
+            pb.CHECKPOINT_KIND_BASE: "base",
+            pb.CHECKPOINT_KIND_DELTA: "delta",
+            pb.CHECKPOINT_KIND_ADAPTER: "adapter",
+            pb.CHECKPOINT_KIND_STATE: "state",
+        }
+        if kind not in kinds:
+            raise invalid_argument("kind is required: BASE, DELTA, ADAPTER or STATE")
+        dtypes: dict[int, torch.dtype] = {
+            pb.DATA_TYPE_UNSPECIFIED: torch.bfloat16,
+            pb.DATA_TYPE_BFLOAT16: torch.bfloat16,
+            pb.DATA_TYPE_FLOAT32: torch.float32,
+        }
+        if dtype not in dtypes:
+            raise invalid_argument("dtype must be DATA_TYPE_BFLOAT16 (default) or DATA_TYPE_FLOAT32")
+        if kind == pb.CHECKPOINT_KIND_ADAPTER and session.state.lora is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION, "ADAPTER checkpoints need a LoRA session; save a BASE instead"
+            )
+        return kinds[kind], dtypes[dtype]
+
+    async def save_checkpoint(
+        self, session: Session, call: SequencedCall, request: pb.SaveCheckpointRequest
+    ) -> Manifest:
+        """Validate, wait for the call's turn, then write and commit the checkpoint."""
+        kind, dtype = self._check_save(session, request.name, request.kind, request.dtype)
+        await call.wait_turn(self.config.sequence_gap_timeout_s)
+        state = session.state
+        if kind == "delta":
+            if not state.last_base or not self.checkpoints.exists(state.last_base):
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "a DELTA is taken against the session's last BASE checkpoint, and there is none: save a BASE first",
+                )
+            await asyncio.to_thread(self.checkpoints.verify, state.last_base)
+
+        def save() -> Manifest:
+            extra: dict[str, Any] = {}
+            export_dtype = dtype
+            with self.checkpoints.writing(request.name) as tmp:
+                if kind == "base":
+                    _export.write_base(state, tmp, dtype)
+                elif kind == "delta":
+                    base_dir = self.checkpoints.path(state.last_base)
+                    export_dtype = _export.base_dtype(base_dir)
+                    extra = _export.write_delta(state, tmp, base_dir)
+                elif kind == "adapter":
+                    export_dtype = torch.float32
+                    _export.write_adapter(state, tmp)
+                else:
+                    export_dtype = torch.float32
+                    _export.write_state(state, tmp, base_model=session.base.name, last_base=state.last_base)
+                manifest = self.checkpoints.commit(
+                    tmp,
+                    lambda files: Manifest(
+                        name=request.name,
+                        kind=kind,
+                        base_model=session.base.name,
+                        session_id=session.id,
+                        step=state.step,
+                        seq=call.seq,
+                        dtype=str(export_dtype).removeprefix("torch."),
+                        created_at=_now(),
+                        files=files,
+                        base_checkpoint=state.last_base if kind == "delta" else "",
+                        extra=extra,
+                    ),
+                )
+            if kind == "base":
+                state.last_base = request.name
+            return manifest
+
+        return await self.on_device(save)
 
     async def close_session(self, session: Session) -> None:
         """Close a session and free its memory."""

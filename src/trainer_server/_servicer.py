@@ -20,6 +20,7 @@ import torch
 
 from trainer_proto import pb, pb_grpc, wire
 from trainer_server._batch import Batch, parse_datums
+from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._engine import AdamSettings
 from trainer_server._errors import ServiceError, invalid_argument, resource_exhausted
 from trainer_server._losses import LOSSES
@@ -61,6 +62,31 @@ def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
             await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error; see the server log")
 
     return wrapper
+
+
+_KINDS = {
+    "base": pb.CHECKPOINT_KIND_BASE,
+    "delta": pb.CHECKPOINT_KIND_DELTA,
+    "adapter": pb.CHECKPOINT_KIND_ADAPTER,
+    "state": pb.CHECKPOINT_KIND_STATE,
+}
+
+
+def checkpoint_info(manifest: Manifest) -> pb.CheckpointInfo:
+    """A manifest as the wire's CheckpointInfo."""
+    return pb.CheckpointInfo(
+        name=manifest.name,
+        kind=_KINDS[manifest.kind],
+        base_model=manifest.base_model,
+        session_id=manifest.session_id,
+        step=manifest.step,
+        seq=manifest.seq,
+        dtype=manifest.dtype,
+        created_at=manifest.created_at,
+        files=[pb.CheckpointFile(path=f.path, size=f.size, sha256=f.sha256) for f in manifest.files],
+        total_bytes=manifest.total_bytes,
+        base_checkpoint=manifest.base_checkpoint,
+    )
 
 
 def _logprobs_dtype(value: int) -> torch.dtype:
@@ -274,6 +300,60 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
             step, norm = await self.runtime.on_device(session.state.optim_step, settings)
         return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+
+    @translate_errors
+    async def SaveCheckpoint(
+        self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SaveCheckpointResponse:
+        """Write a checkpoint after the session's earlier calls (a barrier)."""
+        session = self.runtime.session(request.call.session_id)
+        async with session.call(request.call.seq) as call:
+            manifest = await self.runtime.save_checkpoint(session, call, request)
+        return pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
+
+    @translate_errors
+    async def ListCheckpoints(
+        self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListCheckpointsResponse:
+        """Committed checkpoints, oldest first."""
+        manifests = await asyncio.to_thread(self.runtime.checkpoints.all)
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_info(m) for m in manifests])
+
+    @translate_errors
+    async def DeleteCheckpoint(
+        self, request: pb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.DeleteCheckpointResponse:
+        """Remove a checkpoint."""
+        await asyncio.to_thread(self.runtime.checkpoints.delete, request.name)
+        return pb.DeleteCheckpointResponse()
+
+    @translate_errors
+    async def DownloadCheckpoint(  # type: ignore[override]  # streams via context.write
+        self, request: pb.DownloadCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Stream one file of a checkpoint from ``offset``, in chunks."""
+        store = self.runtime.checkpoints
+        manifest = await asyncio.to_thread(store.manifest, request.name)
+        if request.file != MANIFEST:
+            manifest.file(request.file)  # NOT_FOUND for a file the manifest does not list
+        path = store.path(request.name) / request.file
+        size = path.stat().st_size
+        if not 0 <= request.offset <= size:
+            raise ServiceError(
+                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside {request.file} ({size} bytes)"
+            )
+        step = self.runtime.config.limits.chunk_bytes
+        with path.open("rb") as f:
+            f.seek(request.offset)
+            offset = request.offset
+            while offset < size:
+                data = await asyncio.to_thread(f.read, step)
+                if not data:
+                    break
+                await context.write(pb.DownloadCheckpointResponse(offset=offset, data=data, total_bytes=size))
+                offset += len(data)
+        if offset == size == request.offset:
+            await context.write(pb.DownloadCheckpointResponse(offset=offset, data=b"", total_bytes=size))
 
     @translate_errors
     async def CloseSession(

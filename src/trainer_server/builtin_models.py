@@ -47,6 +47,7 @@ __all__ = [
     "build_tiny_model",
     "build_tokenizer",
     "ensure_builtin_model",
+    "trainer_home",
 ]
 
 logger = logging.getLogger("trainer_server.builtin_models")
@@ -459,10 +460,14 @@ def _is_built(model_dir: Path) -> bool:
     return all((model_dir / name).is_file() for name in _MODEL_MARKER_FILES)
 
 
+def trainer_home() -> Path:
+    """Return ``$TRAINER_HOME``, by default ``~/.cache/trainer-service``: where models and checkpoints live."""
+    return Path(os.environ.get(_TRAINER_HOME_ENV) or _DEFAULT_TRAINER_HOME).expanduser()
+
+
 def _default_models_root() -> Path:
     """Return ``$TRAINER_HOME/models`` (``TRAINER_HOME`` defaults to ``~/.cache/trainer-service``)."""
-    home = os.environ.get(_TRAINER_HOME_ENV) or _DEFAULT_TRAINER_HOME
-    return Path(home).expanduser() / "models"
+    return trainer_home() / "models"
 
 
 class _FileLock:

@@ -52,6 +52,36 @@ DATA_TYPE_INT64: DataType.ValueType  # 4
 DATA_TYPE_INT32: DataType.ValueType  # 5
 Global___DataType: _TypeAlias = DataType  # noqa: Y015
 
+class _CheckpointKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CheckpointKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CheckpointKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHECKPOINT_KIND_UNSPECIFIED: _CheckpointKind.ValueType  # 0
+    CHECKPOINT_KIND_BASE: _CheckpointKind.ValueType  # 1
+    """Full weights in Hugging Face layout (LoRA merged), for serving."""
+    CHECKPOINT_KIND_DELTA: _CheckpointKind.ValueType  # 2
+    """Lossless XOR delta against the session's last BASE, compressed."""
+    CHECKPOINT_KIND_ADAPTER: _CheckpointKind.ValueType  # 3
+    """LoRA adapter in PEFT layout."""
+    CHECKPOINT_KIND_STATE: _CheckpointKind.ValueType  # 4
+    """Trainable weights, optimizer state, step and RNG: everything to resume."""
+
+class CheckpointKind(_CheckpointKind, metaclass=_CheckpointKindEnumTypeWrapper):
+    """CheckpointKind says what a checkpoint holds."""
+
+CHECKPOINT_KIND_UNSPECIFIED: CheckpointKind.ValueType  # 0
+CHECKPOINT_KIND_BASE: CheckpointKind.ValueType  # 1
+"""Full weights in Hugging Face layout (LoRA merged), for serving."""
+CHECKPOINT_KIND_DELTA: CheckpointKind.ValueType  # 2
+"""Lossless XOR delta against the session's last BASE, compressed."""
+CHECKPOINT_KIND_ADAPTER: CheckpointKind.ValueType  # 3
+"""LoRA adapter in PEFT layout."""
+CHECKPOINT_KIND_STATE: CheckpointKind.ValueType  # 4
+"""Trainable weights, optimizer state, step and RNG: everything to resume."""
+Global___CheckpointKind: _TypeAlias = CheckpointKind  # noqa: Y015
+
 @_typing.final
 class TensorData(_message.Message):
     """TensorData is a small tensor carried inline in one message."""
@@ -519,9 +549,14 @@ class CreateSessionRequest(_message.Message):
     LORA_FIELD_NUMBER: _builtins.int
     FULL_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_FIELD_NUMBER: _builtins.int
     base_model: _builtins.str
     seed: _builtins.int
     """Seeds adapter initialisation and any randomness of the session."""
+    resume_from: _builtins.str
+    """Resume from this STATE checkpoint: base model and mode come from it, and training
+    continues exactly where it was saved. base_model, if set, must match.
+    """
     @_builtins.property
     def lora(self) -> Global___LoraConfig: ...
     @_builtins.property
@@ -533,10 +568,11 @@ class CreateSessionRequest(_message.Message):
         lora: Global___LoraConfig | None = ...,
         full: Global___FullFineTune | None = ...,
         seed: _builtins.int = ...,
+        resume_from: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "lora", b"lora", "mode", b"mode"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "full", b"full", "lora", b"lora", "mode", b"mode", "seed", b"seed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "full", b"full", "lora", b"lora", "mode", b"mode", "resume_from", b"resume_from", "seed", b"seed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_mode: _TypeAlias = _typing.Literal["lora", "full"]  # noqa: Y015
     _WhichOneofArgType_mode: _TypeAlias = _typing.Literal["mode", b"mode"]  # noqa: Y015
@@ -1080,3 +1116,275 @@ class CloseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class CheckpointFile(_message.Message):
+    """CheckpointFile is one file of a checkpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    size: _builtins.int
+    sha256: _builtins.str
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path", "sha256", b"sha256", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointFile: _TypeAlias = CheckpointFile  # noqa: Y015
+
+@_typing.final
+class CheckpointInfo(_message.Message):
+    """CheckpointInfo describes a committed checkpoint (its manifest)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    BASE_CHECKPOINT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: Global___CheckpointKind.ValueType
+    base_model: _builtins.str
+    session_id: _builtins.str
+    step: _builtins.int
+    seq: _builtins.int
+    dtype: _builtins.str
+    """Export dtype: "float32", "bfloat16"."""
+    created_at: _builtins.float
+    total_bytes: _builtins.int
+    base_checkpoint: _builtins.str
+    """For DELTA: the BASE checkpoint it applies to."""
+    @_builtins.property
+    def files(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointFile]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        kind: Global___CheckpointKind.ValueType = ...,
+        base_model: _builtins.str = ...,
+        session_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        seq: _builtins.int = ...,
+        dtype: _builtins.str = ...,
+        created_at: _builtins.float = ...,
+        files: _abc.Iterable[Global___CheckpointFile] | None = ...,
+        total_bytes: _builtins.int = ...,
+        base_checkpoint: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_checkpoint", b"base_checkpoint", "base_model", b"base_model", "created_at", b"created_at", "dtype", b"dtype", "files", b"files", "kind", b"kind", "name", b"name", "seq", b"seq", "session_id", b"session_id", "step", b"step", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointInfo: _TypeAlias = CheckpointInfo  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointRequest(_message.Message):
+    """SaveCheckpointRequest saves a checkpoint of a session, after its earlier calls."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    kind: Global___CheckpointKind.ValueType
+    dtype: Global___DataType.ValueType
+    """BASE and DELTA export dtype: BFLOAT16 (default) or FLOAT32. A DELTA always uses
+    its BASE's dtype.
+    """
+    @_builtins.property
+    def call(self) -> Global___CallHeader: ...
+    def __init__(
+        self,
+        *,
+        call: Global___CallHeader | None = ...,
+        name: _builtins.str = ...,
+        kind: Global___CheckpointKind.ValueType = ...,
+        dtype: Global___DataType.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "dtype", b"dtype", "kind", b"kind", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveCheckpointRequest: _TypeAlias = SaveCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class SaveCheckpointResponse(_message.Message):
+    """SaveCheckpointResponse describes what was written."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    @_builtins.property
+    def checkpoint(self) -> Global___CheckpointInfo: ...
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        checkpoint: Global___CheckpointInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SaveCheckpointResponse: _TypeAlias = SaveCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsRequest(_message.Message):
+    """ListCheckpointsRequest is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsRequest: _TypeAlias = ListCheckpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListCheckpointsResponse(_message.Message):
+    """ListCheckpointsResponse lists committed checkpoints, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKPOINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def checkpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___CheckpointInfo]: ...
+    def __init__(
+        self,
+        *,
+        checkpoints: _abc.Iterable[Global___CheckpointInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoints", b"checkpoints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCheckpointsResponse: _TypeAlias = ListCheckpointsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteCheckpointRequest(_message.Message):
+    """DeleteCheckpointRequest names a checkpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCheckpointRequest: _TypeAlias = DeleteCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class DeleteCheckpointResponse(_message.Message):
+    """DeleteCheckpointResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteCheckpointResponse: _TypeAlias = DeleteCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class DownloadCheckpointRequest(_message.Message):
+    """DownloadCheckpointRequest asks for one file of a checkpoint, from a byte offset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FILE_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    file: _builtins.str
+    """A path from CheckpointInfo.files, or "manifest.json"."""
+    offset: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        file: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["file", b"file", "name", b"name", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCheckpointRequest: _TypeAlias = DownloadCheckpointRequest  # noqa: Y015
+
+@_typing.final
+class DownloadCheckpointResponse(_message.Message):
+    """DownloadCheckpointResponse is one chunk of the file."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    data: _builtins.bytes
+    total_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+        total_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "total_bytes", b"total_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadCheckpointResponse: _TypeAlias = DownloadCheckpointResponse  # noqa: Y015

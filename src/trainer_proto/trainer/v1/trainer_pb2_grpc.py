@@ -71,6 +71,26 @@ class TrainerServiceStub:
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.OptimStepRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.OptimStepResponse.FromString,
                 _registered_method=True)
+        self.SaveCheckpoint = channel.unary_unary(
+                '/trainer_proto.trainer.v1.TrainerService/SaveCheckpoint',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/trainer_proto.trainer.v1.TrainerService/ListCheckpoints',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.DeleteCheckpoint = channel.unary_unary(
+                '/trainer_proto.trainer.v1.TrainerService/DeleteCheckpoint',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
+                _registered_method=True)
+        self.DownloadCheckpoint = channel.unary_stream(
+                '/trainer_proto.trainer.v1.TrainerService/DownloadCheckpoint',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/trainer_proto.trainer.v1.TrainerService/CloseSession',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
@@ -133,6 +153,34 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveCheckpoint(self, request, context):
+        """SaveCheckpoint writes a BASE, DELTA, ADAPTER or STATE checkpoint, in sequence order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """ListCheckpoints lists committed checkpoints (never a half-written one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCheckpoint(self, request, context):
+        """DeleteCheckpoint removes a checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadCheckpoint(self, request, context):
+        """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """CloseSession frees the session's memory, after its earlier calls have run.
         """
@@ -177,6 +225,26 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.OptimStep,
                     request_deserializer=trainer_dot_v1_dot_trainer__pb2.OptimStepRequest.FromString,
                     response_serializer=trainer_dot_v1_dot_trainer__pb2.OptimStepResponse.SerializeToString,
+            ),
+            'SaveCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveCheckpoint,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'DeleteCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCheckpoint,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.SerializeToString,
+            ),
+            'DownloadCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadCheckpoint,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -375,6 +443,114 @@ class TrainerService:
             '/trainer_proto.trainer.v1.TrainerService/OptimStep',
             trainer_dot_v1_dot_trainer__pb2.OptimStepRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.OptimStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer_proto.trainer.v1.TrainerService/SaveCheckpoint',
+            trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer_proto.trainer.v1.TrainerService/ListCheckpoints',
+            trainer_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer_proto.trainer.v1.TrainerService/DeleteCheckpoint',
+            trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainer_proto.trainer.v1.TrainerService/DownloadCheckpoint',
+            trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

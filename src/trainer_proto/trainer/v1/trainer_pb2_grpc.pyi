@@ -60,6 +60,14 @@ class TrainerServiceStub:
     """
     OptimStep: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.OptimStepRequest, _trainer_pb2.OptimStepResponse]
     """OptimStep applies AdamW to the accumulated gradients and clears them."""
+    SaveCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]
+    """SaveCheckpoint writes a BASE, DELTA, ADAPTER or STATE checkpoint, in sequence order."""
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListCheckpointsRequest, _trainer_pb2.ListCheckpointsResponse]
+    """ListCheckpoints lists committed checkpoints (never a half-written one)."""
+    DeleteCheckpoint: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.DeleteCheckpointRequest, _trainer_pb2.DeleteCheckpointResponse]
+    """DeleteCheckpoint removes a checkpoint."""
+    DownloadCheckpoint: _grpc.UnaryStreamMultiCallable[_trainer_pb2.DownloadCheckpointRequest, _trainer_pb2.DownloadCheckpointResponse]
+    """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable)."""
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
     """CloseSession frees the session's memory, after its earlier calls have run."""
 
@@ -86,6 +94,14 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     OptimStep: _aio.UnaryUnaryMultiCallable[_trainer_pb2.OptimStepRequest, _trainer_pb2.OptimStepResponse]  # type: ignore[assignment]
     """OptimStep applies AdamW to the accumulated gradients and clears them."""
+    SaveCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.SaveCheckpointRequest, _trainer_pb2.SaveCheckpointResponse]  # type: ignore[assignment]
+    """SaveCheckpoint writes a BASE, DELTA, ADAPTER or STATE checkpoint, in sequence order."""
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListCheckpointsRequest, _trainer_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    """ListCheckpoints lists committed checkpoints (never a half-written one)."""
+    DeleteCheckpoint: _aio.UnaryUnaryMultiCallable[_trainer_pb2.DeleteCheckpointRequest, _trainer_pb2.DeleteCheckpointResponse]  # type: ignore[assignment]
+    """DeleteCheckpoint removes a checkpoint."""
+    DownloadCheckpoint: _aio.UnaryStreamMultiCallable[_trainer_pb2.DownloadCheckpointRequest, _trainer_pb2.DownloadCheckpointResponse]  # type: ignore[assignment]
+    """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable)."""
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession frees the session's memory, after its earlier calls have run."""
 
@@ -151,6 +167,38 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.OptimStepResponse, _abc.Awaitable[_trainer_pb2.OptimStepResponse]]:
         """OptimStep applies AdamW to the accumulated gradients and clears them."""
+
+    @_abc_1.abstractmethod
+    def SaveCheckpoint(
+        self,
+        request: _trainer_pb2.SaveCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.SaveCheckpointResponse, _abc.Awaitable[_trainer_pb2.SaveCheckpointResponse]]:
+        """SaveCheckpoint writes a BASE, DELTA, ADAPTER or STATE checkpoint, in sequence order."""
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _trainer_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListCheckpointsResponse, _abc.Awaitable[_trainer_pb2.ListCheckpointsResponse]]:
+        """ListCheckpoints lists committed checkpoints (never a half-written one)."""
+
+    @_abc_1.abstractmethod
+    def DeleteCheckpoint(
+        self,
+        request: _trainer_pb2.DeleteCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.DeleteCheckpointResponse, _abc.Awaitable[_trainer_pb2.DeleteCheckpointResponse]]:
+        """DeleteCheckpoint removes a checkpoint."""
+
+    @_abc_1.abstractmethod
+    def DownloadCheckpoint(
+        self,
+        request: _trainer_pb2.DownloadCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.DownloadCheckpointResponse], _abc.AsyncIterator[_trainer_pb2.DownloadCheckpointResponse]]:
+        """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable)."""
 
     @_abc_1.abstractmethod
     def CloseSession(
