@@ -48,6 +48,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--port", type=int, default=50051, help="port (0 picks a free one; default 50051)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        help="where checkpoints are written (default: $TRAINER_HOME/checkpoints)",
+    )
     parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
     parser.add_argument("--max-tokens-per-call", type=int, default=Limits.max_tokens_per_call)
     parser.add_argument("--log-level", default="INFO")
@@ -62,6 +68,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         port=args.port,
         device=args.device,
         dtype=args.dtype,
+        checkpoint_dir=args.checkpoint_dir,
         limits=Limits(max_sessions=args.max_sessions, max_tokens_per_call=args.max_tokens_per_call),
     )
 
