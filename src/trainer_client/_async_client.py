@@ -210,7 +210,7 @@ class AsyncTrainingClient:
         failed, self._failed = self._failed, []
         for fut in failed:
             if not fut.error_retrieved:
-                exc = fut.exception(timeout=0) if fut.done() else None
+                exc = fut.peek_exception()
                 raise PreviousCallFailedError(
                     f"{fut.description} failed and its error was never retrieved: {exc!r}"
                 ) from exc

@@ -57,6 +57,15 @@ class APIFuture(Generic[T]):
         if task.exception() is not None and self._on_failure is not None:  # also marks asyncio's flag retrieved
             self._on_failure(self)
 
+    def peek_exception(self) -> BaseException | None:
+        """The finished call's error without waiting and without marking it retrieved.
+
+        None while the call is pending, when it succeeded, or when it was cancelled.
+        """
+        if not self._task.done() or self._task.cancelled():
+            return None
+        return self._task.exception()
+
     @property
     def error_retrieved(self) -> bool:
         """Whether the caller has seen this future's outcome."""

@@ -20,6 +20,7 @@ class Limits:
         max_sessions: open sessions on the server.
         max_message_bytes: largest single gRPC message either way.
         chunk_bytes: size of the chunks tensors are streamed in.
+        max_samples_per_call: ``num_samples`` of one Sample call.
     """
 
     max_tokens_per_call: int = 1 << 17
@@ -27,9 +28,16 @@ class Limits:
     max_sessions: int = 64
     max_message_bytes: int = options.DEFAULT_MAX_MESSAGE_BYTES
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    max_samples_per_call: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_tokens_per_call", "max_datums_per_call", "max_sessions", "chunk_bytes"):
+        for name in (
+            "max_tokens_per_call",
+            "max_datums_per_call",
+            "max_sessions",
+            "chunk_bytes",
+            "max_samples_per_call",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}")
         if self.chunk_bytes + 1024 > self.max_message_bytes:

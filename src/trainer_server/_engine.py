@@ -40,7 +40,8 @@ class AdamSettings:
         self.grad_clip_norm = get("grad_clip_norm", 0.0)
         for name, value in vars(self).items():
             if not math.isfinite(value):
-                raise invalid_argument(f"adam_params.{name} must be finite, got {value}")
+                field = "learning_rate" if name == "lr" else name  # the wire field's name
+                raise invalid_argument(f"adam_params.{field} must be finite, got {value}")
         if self.lr < 0:
             raise invalid_argument(f"adam_params.learning_rate must be >= 0, got {self.lr}")
         for name, beta in (("beta1", self.beta1), ("beta2", self.beta2)):

@@ -152,8 +152,8 @@ def read_state_info(state_dir: Path) -> tuple[dict[str, Any], pb.LoraConfig | No
     return info, config
 
 
-def load_state(state: SessionModel, state_dir: Path, info: dict[str, Any]) -> None:
-    """Load trainable weights, optimizer state and step into a freshly built session."""
+def load_state(state: SessionModel, state_dir: Path, info: dict[str, Any], *, restore_rng: bool = True) -> None:
+    """Load trainable weights, optimizer state and step (and the RNG) into a fresh session."""
     tensors = load_file(str(state_dir / _TRAINABLE), device=str(state.device))
     named = {n: p for n, p in state.model.named_parameters() if p.requires_grad}
     if set(named) != set(tensors):
@@ -165,5 +165,6 @@ def load_state(state: SessionModel, state_dir: Path, info: dict[str, Any]) -> No
     if extra["optimizer"] is not None:
         state.optimizer = torch.optim.AdamW(state.params)
         state.optimizer.load_state_dict(extra["optimizer"])
-    torch.set_rng_state(extra["cpu_rng"])
+    if restore_rng:
+        torch.set_rng_state(extra["cpu_rng"])
     state.step = int(info["step"])

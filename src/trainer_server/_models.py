@@ -50,6 +50,15 @@ class BaseModel:
     tokenizer_files: dict[str, bytes]
 
     @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a sample (from the generation config, else the model config)."""
+        for config in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(config, "eos_token_id", None)
+            if eos is not None:
+                return frozenset([eos] if isinstance(eos, int) else eos)
+        return frozenset()
+
+    @property
     def num_parameters(self) -> int:
         """Parameter count of the base model."""
         return sum(p.numel() for p in self.model.parameters())

@@ -51,6 +51,7 @@ CAPABILITIES = (
     "checkpoints",
     "delta_checkpoints",
     "resume",
+    "sample",
 )
 MAX_LORA_RANK = 1024
 
@@ -80,6 +81,7 @@ class Runtime:
         self.models: dict[str, BaseModel] = {}
         self.sessions = SessionRegistry(config.limits.max_sessions)
         self.ready = False
+        self._checkpoint_models: dict[tuple[str, float], tuple[Any, BaseModel]] = {}
         self.checkpoints = CheckpointStore(config.checkpoint_dir or trainer_home() / "checkpoints")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-device")
 
@@ -258,6 +260,38 @@ class Runtime:
             return manifest
 
         return await self.on_device(save)
+
+    async def checkpoint_model(self, name: str) -> tuple[Any, BaseModel]:
+        """A model with a BASE or STATE checkpoint's weights, for sampling (a few are cached).
+
+        Returns:
+            The model and the base model it belongs to.
+        """
+        manifest = self.checkpoints.manifest(name)
+        key = (manifest.name, manifest.created_at)
+        if key in self._checkpoint_models:
+            return self._checkpoint_models[key]
+        base = self.model(manifest.base_model)
+        directory = self.checkpoints.path(manifest.name)
+        await asyncio.to_thread(self.checkpoints.verify, manifest.name)
+        if manifest.kind == "base":
+            loaded = await self.on_device(load_base_model, name, directory, self.device, manifest.dtype)
+            model = loaded.model
+        elif manifest.kind == "state":
+            info, lora = _export.read_state_info(directory)
+
+            def build() -> Any:
+                state = SessionModel(base, lora, int(info["seed"]))
+                _export.load_state(state, directory, info, restore_rng=False)
+                return state.model
+
+            model = await self.on_device(build)
+        else:
+            raise invalid_argument(f"sampling needs a BASE or STATE checkpoint; {name!r} is {manifest.kind.upper()}")
+        self._checkpoint_models[key] = (model, base)
+        while len(self._checkpoint_models) > 2:
+            self._checkpoint_models.pop(next(iter(self._checkpoint_models)))
+        return model, base
 
     async def close_session(self, session: Session) -> None:
         """Close a session and free its memory."""

@@ -24,7 +24,9 @@ from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._engine import AdamSettings
 from trainer_server._errors import ServiceError, invalid_argument, resource_exhausted
 from trainer_server._losses import LOSSES
+from trainer_server._models import BaseModel
 from trainer_server._runtime import Runtime
+from trainer_server._sampling import SamplingSettings, generate
 from trainer_server._sessions import Session
 
 __all__ = ["TrainerServicer", "translate_errors"]
@@ -354,6 +356,58 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 offset += len(data)
         if offset == size == request.offset:
             await context.write(pb.DownloadCheckpointResponse(offset=offset, data=b"", total_bytes=size))
+
+    @translate_errors
+    async def Sample(  # type: ignore[override]  # streams via context.write
+        self, request: pb.SampleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
+        """Generate from a session's current weights (sequenced) or from a checkpoint."""
+        source = request.WhichOneof("source")
+        if source == "call":
+            session = self.runtime.session(request.call.session_id)
+            async with session.call(request.call.seq) as call:
+                prompt, settings = self._sampling_request(request, session.base)
+                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+                samples, prompt_lp = await self.runtime.on_device(
+                    generate, session.state.model, prompt, settings, session.base.eos_token_ids, self.runtime.device
+                )
+        elif source == "checkpoint":
+            model, base = await self.runtime.checkpoint_model(request.checkpoint)
+            prompt, settings = self._sampling_request(request, base)
+            samples, prompt_lp = await self.runtime.on_device(
+                generate, model, prompt, settings, base.eos_token_ids, self.runtime.device
+            )
+        else:
+            raise invalid_argument("set either call (sample from a session) or checkpoint")
+        if request.return_prompt_logprobs:
+            await context.write(pb.SampleResponse(prompt_logprobs=wire.tensor_to_wire(prompt_lp)))
+        for i, s in enumerate(samples):
+            sequence = pb.SampledSequence(
+                index=i,
+                tokens=wire.tensor_to_wire(torch.tensor(s.tokens, dtype=torch.int64)),
+                logprobs=wire.tensor_to_wire(torch.tensor(s.logprobs, dtype=torch.float32)),
+                finish_reason=s.finish_reason,
+            )
+            await context.write(pb.SampleResponse(sequence=sequence))
+
+    def _sampling_request(self, request: pb.SampleRequest, base: BaseModel) -> tuple[torch.Tensor, SamplingSettings]:
+        """Decode and validate a Sample request's prompt and parameters."""
+        if not request.HasField("prompt"):
+            raise invalid_argument("prompt is required")
+        batch = parse_datums(
+            [pb.Datum(model_input=request.prompt, loss_fn_inputs={"target_tokens": request.prompt})],
+            base,
+            self.runtime.config.limits,
+        )
+        prompt = batch.tokens[0]
+        settings = SamplingSettings.from_proto(
+            request.params,
+            num_samples=request.num_samples,
+            prompt_len=len(prompt),
+            max_length=base.max_sequence_length,
+            max_samples=self.runtime.config.limits.max_samples_per_call,
+        )
+        return prompt, settings
 
     @translate_errors
     async def CloseSession(

@@ -1388,3 +1388,196 @@ class DownloadCheckpointResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DownloadCheckpointResponse: _TypeAlias = DownloadCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class TokenSequence(_message.Message):
+    """TokenSequence is a list of token ids (a stop sequence)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenSequence: _TypeAlias = TokenSequence  # noqa: Y015
+
+@_typing.final
+class SamplingParams(_message.Message):
+    """SamplingParams control generation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    TOP_P_FIELD_NUMBER: _builtins.int
+    TOP_K_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    max_tokens: _builtins.int
+    """New tokens per sample, at least 1."""
+    temperature: _builtins.float
+    """Softmax temperature; default 1. 0 means greedy."""
+    top_p: _builtins.float
+    """Nucleus sampling mass in (0, 1]; default 1 (off)."""
+    top_k: _builtins.int
+    """Keep only the k most likely tokens; 0 (default) is off."""
+    seed: _builtins.int
+    """Same seed, weights and request: same samples. Absent: a random seed."""
+    @_builtins.property
+    def stop(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenSequence]:
+        """Finish a sample when its new tokens end with one of these (the stop tokens are
+        included in the output). The model's EOS token always stops.
+        """
+
+    def __init__(
+        self,
+        *,
+        max_tokens: _builtins.int = ...,
+        temperature: _builtins.float | None = ...,
+        top_p: _builtins.float | None = ...,
+        top_k: _builtins.int = ...,
+        stop: _abc.Iterable[Global___TokenSequence] | None = ...,
+        seed: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
+    _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    _WhichOneofReturnType__top_p: _TypeAlias = _typing.Literal["top_p"]  # noqa: Y015
+    _WhichOneofArgType__top_p: _TypeAlias = _typing.Literal["_top_p", b"_top_p"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__top_p) -> _WhichOneofReturnType__top_p | None: ...
+
+Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
+
+@_typing.final
+class SampleRequest(_message.Message):
+    """SampleRequest asks for num_samples completions of one prompt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    PARAMS_FIELD_NUMBER: _builtins.int
+    RETURN_PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    checkpoint: _builtins.str
+    """Sample from a BASE or STATE checkpoint."""
+    num_samples: _builtins.int
+    return_prompt_logprobs: _builtins.bool
+    """Also return the logprob of each prompt token after the first."""
+    @_builtins.property
+    def call(self) -> Global___CallHeader:
+        """Sample from this session's weights as of the call's place in its sequence."""
+
+    @_builtins.property
+    def prompt(self) -> Global___TensorData:
+        """Prompt token ids, 1-D integer tensor."""
+
+    @_builtins.property
+    def params(self) -> Global___SamplingParams: ...
+    def __init__(
+        self,
+        *,
+        call: Global___CallHeader | None = ...,
+        checkpoint: _builtins.str = ...,
+        prompt: Global___TensorData | None = ...,
+        num_samples: _builtins.int = ...,
+        params: Global___SamplingParams | None = ...,
+        return_prompt_logprobs: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "checkpoint", b"checkpoint", "params", b"params", "prompt", b"prompt", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "checkpoint", b"checkpoint", "num_samples", b"num_samples", "params", b"params", "prompt", b"prompt", "return_prompt_logprobs", b"return_prompt_logprobs", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["call", "checkpoint"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___SampleRequest: _TypeAlias = SampleRequest  # noqa: Y015
+
+@_typing.final
+class SampledSequence(_message.Message):
+    """SampledSequence is one finished sample."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TOKENS_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    FINISH_REASON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    finish_reason: _builtins.str
+    """"stop" (EOS or a stop sequence) or "length" (max_tokens reached)."""
+    @_builtins.property
+    def tokens(self) -> Global___TensorData:
+        """New token ids (int64)."""
+
+    @_builtins.property
+    def logprobs(self) -> Global___TensorData:
+        """Logprob of each new token under the model (temperature 1, before top-k/top-p),
+        float32: equal to what Forward returns for the same tokens.
+        """
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        tokens: Global___TensorData | None = ...,
+        logprobs: Global___TensorData | None = ...,
+        finish_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SampledSequence: _TypeAlias = SampledSequence  # noqa: Y015
+
+@_typing.final
+class SampleResponse(_message.Message):
+    """SampleResponse: optional prompt logprobs first, then one message per sample."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def prompt_logprobs(self) -> Global___TensorData: ...
+    @_builtins.property
+    def sequence(self) -> Global___SampledSequence: ...
+    def __init__(
+        self,
+        *,
+        prompt_logprobs: Global___TensorData | None = ...,
+        sequence: Global___SampledSequence | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt_logprobs", b"prompt_logprobs", "sequence", b"sequence"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt_logprobs", b"prompt_logprobs", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["prompt_logprobs", "sequence"]  # noqa: Y015
+    _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
+
+Global___SampleResponse: _TypeAlias = SampleResponse  # noqa: Y015

@@ -91,6 +91,11 @@ class TrainerServiceStub:
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.Sample = channel.unary_stream(
+                '/trainer_proto.trainer.v1.TrainerService/Sample',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.SampleRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.SampleResponse.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/trainer_proto.trainer.v1.TrainerService/CloseSession',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
@@ -181,6 +186,14 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Sample(self, request, context):
+        """Sample generates completions from a session's current weights (in sequence order)
+        or from a BASE or STATE checkpoint, streaming each sequence as it finishes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """CloseSession frees the session's memory, after its earlier calls have run.
         """
@@ -245,6 +258,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.DownloadCheckpoint,
                     request_deserializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.FromString,
                     response_serializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.SerializeToString,
+            ),
+            'Sample': grpc.unary_stream_rpc_method_handler(
+                    servicer.Sample,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.SampleRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.SampleResponse.SerializeToString,
             ),
             'CloseSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseSession,
@@ -551,6 +569,33 @@ class TrainerService:
             '/trainer_proto.trainer.v1.TrainerService/DownloadCheckpoint',
             trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Sample(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainer_proto.trainer.v1.TrainerService/Sample',
+            trainer_dot_v1_dot_trainer__pb2.SampleRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.SampleResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -68,6 +68,10 @@ class TrainerServiceStub:
     """DeleteCheckpoint removes a checkpoint."""
     DownloadCheckpoint: _grpc.UnaryStreamMultiCallable[_trainer_pb2.DownloadCheckpointRequest, _trainer_pb2.DownloadCheckpointResponse]
     """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable)."""
+    Sample: _grpc.UnaryStreamMultiCallable[_trainer_pb2.SampleRequest, _trainer_pb2.SampleResponse]
+    """Sample generates completions from a session's current weights (in sequence order)
+    or from a BASE or STATE checkpoint, streaming each sequence as it finishes.
+    """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
     """CloseSession frees the session's memory, after its earlier calls have run."""
 
@@ -102,6 +106,10 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """DeleteCheckpoint removes a checkpoint."""
     DownloadCheckpoint: _aio.UnaryStreamMultiCallable[_trainer_pb2.DownloadCheckpointRequest, _trainer_pb2.DownloadCheckpointResponse]  # type: ignore[assignment]
     """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable)."""
+    Sample: _aio.UnaryStreamMultiCallable[_trainer_pb2.SampleRequest, _trainer_pb2.SampleResponse]  # type: ignore[assignment]
+    """Sample generates completions from a session's current weights (in sequence order)
+    or from a BASE or STATE checkpoint, streaming each sequence as it finishes.
+    """
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession frees the session's memory, after its earlier calls have run."""
 
@@ -199,6 +207,16 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_trainer_pb2.DownloadCheckpointResponse], _abc.AsyncIterator[_trainer_pb2.DownloadCheckpointResponse]]:
         """DownloadCheckpoint streams one file of a checkpoint from an offset (resumable)."""
+
+    @_abc_1.abstractmethod
+    def Sample(
+        self,
+        request: _trainer_pb2.SampleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_trainer_pb2.SampleResponse], _abc.AsyncIterator[_trainer_pb2.SampleResponse]]:
+        """Sample generates completions from a session's current weights (in sequence order)
+        or from a BASE or STATE checkpoint, streaming each sequence as it finishes.
+        """
 
     @_abc_1.abstractmethod
     def CloseSession(
