@@ -56,6 +56,9 @@ from trainer_client._types import (
     LossFn,
     ModelInfo,
     OptimStepResult,
+    SampledSequence,
+    SampleOutput,
+    SamplingParams,
     ServerInfo,
 )
 
@@ -90,6 +93,9 @@ __all__ = [
     "PreviousCallFailedError",
     "ProtocolError",
     "ResourceExhaustedError",
+    "SampleOutput",
+    "SampledSequence",
+    "SamplingParams",
     "ServerInfo",
     "ServiceClient",
     "TrainerError",

@@ -52,6 +52,9 @@ from trainer_client._types import (
     ForwardOutput,
     LossFn,
     OptimStepResult,
+    SampledSequence,
+    SampleOutput,
+    SamplingParams,
     ServerInfo,
 )
 from trainer_proto import options, pb, pb_grpc, wire
@@ -102,6 +105,18 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _sample_request(
+    prompt: Sequence[int] | torch.Tensor, num_samples: int, params: SamplingParams | None, prompt_logprobs: bool
+) -> pb.SampleRequest:
+    tokens = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.int64)
+    return pb.SampleRequest(
+        prompt=wire.tensor_to_wire(tokens.to(torch.int64)),
+        num_samples=num_samples,
+        params=(params or SamplingParams()).to_proto(),
+        return_prompt_logprobs=prompt_logprobs,
+    )
 
 
 class _Stream:
@@ -374,6 +389,39 @@ class AsyncTrainingClient:
 
         return self._submit("optim_step", run)
 
+    def sample(
+        self,
+        prompt: Sequence[int] | torch.Tensor,
+        num_samples: int = 1,
+        params: SamplingParams | None = None,
+        *,
+        return_prompt_logprobs: bool = False,
+    ) -> APIFuture[SampleOutput]:
+        """Sample from the session's weights as of this call's place in the sequence.
+
+        Sampling never changes training state; submitted between training calls, it sees
+        exactly the weights those calls produced.
+        """
+        request = _sample_request(prompt, num_samples, params, return_prompt_logprobs)
+
+        async def run(seq: int) -> SampleOutput:
+            request.call.CopyFrom(self._header(seq))
+            return await self._service._sample(request)
+
+        return self._submit("sample", run)
+
+    def compute_logprobs(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> APIFuture[list[torch.Tensor]]:
+        """Logprob of every token after the first of each sequence (a Forward call)."""
+        data = [Datum.from_sequence(s) for s in sequences]
+        inner = self.forward(data)
+
+        async def result() -> list[torch.Tensor]:
+            return (await inner).logprobs
+
+        return APIFuture(
+            asyncio.ensure_future(result()), description=inner.description, on_failure=self._record_failure
+        )
+
     def save_checkpoint(self, name: str, kind: str = "state", *, dtype: str = "bfloat16") -> APIFuture[CheckpointInfo]:
         """Save a checkpoint after the calls already submitted (a barrier on the server).
 
@@ -522,6 +570,41 @@ class AsyncServiceClient:
         request = pb.CreateSessionRequest(resume_from=checkpoint)
         response = await self._unary("CreateSession", request, self.config.unary_timeout_s)
         return AsyncTrainingClient(self, response)
+
+    async def _sample(self, request: pb.SampleRequest) -> SampleOutput:
+        call = self._stub.Sample(request, timeout=self.config.timeout_s, metadata=self._metadata)
+        sequences: list[SampledSequence] = []
+        prompt_logprobs = None
+        try:
+            async for msg in call:
+                if msg.WhichOneof("message") == "prompt_logprobs":
+                    prompt_logprobs = wire.tensor_from_wire(msg.prompt_logprobs, "prompt_logprobs")
+                else:
+                    s = msg.sequence
+                    sequences.append(
+                        SampledSequence(
+                            tokens=wire.tensor_from_wire(s.tokens, "tokens").tolist(),
+                            logprobs=wire.tensor_from_wire(s.logprobs, "logprobs"),
+                            finish_reason=s.finish_reason,
+                        )
+                    )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc, "Sample") from exc
+        return SampleOutput(sequences=sequences, prompt_logprobs=prompt_logprobs)
+
+    async def sample_from_checkpoint(
+        self,
+        checkpoint: str,
+        prompt: Sequence[int] | torch.Tensor,
+        num_samples: int = 1,
+        params: SamplingParams | None = None,
+        *,
+        return_prompt_logprobs: bool = False,
+    ) -> SampleOutput:
+        """Sample from a BASE or STATE checkpoint's weights."""
+        request = _sample_request(prompt, num_samples, params, return_prompt_logprobs)
+        request.checkpoint = checkpoint
+        return await self._sample(request)
 
     async def list_checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints on the server, oldest first."""

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from trainer_client._async_client import AsyncServiceClient, AsyncTrainingClient
@@ -29,6 +30,8 @@ from trainer_client._types import (
     ForwardOutput,
     LossFn,
     OptimStepResult,
+    SampleOutput,
+    SamplingParams,
     ServerInfo,
 )
 
@@ -106,6 +109,23 @@ class TrainingClient(_OnPortal):
         """See :meth:`AsyncTrainingClient.optim_step`."""
         return self._submit(self._inner.optim_step, adam_params)
 
+    def sample(
+        self,
+        prompt: Sequence[int] | torch.Tensor,
+        num_samples: int = 1,
+        params: SamplingParams | None = None,
+        *,
+        return_prompt_logprobs: bool = False,
+    ) -> APIFuture[SampleOutput]:
+        """See :meth:`AsyncTrainingClient.sample`."""
+        return self._submit(
+            self._inner.sample, prompt, num_samples, params, return_prompt_logprobs=return_prompt_logprobs
+        )
+
+    def compute_logprobs(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> APIFuture[list[torch.Tensor]]:
+        """See :meth:`AsyncTrainingClient.compute_logprobs`."""
+        return self._submit(self._inner.compute_logprobs, sequences)
+
     def save_checkpoint(self, name: str, kind: str = "state", *, dtype: str = "bfloat16") -> APIFuture[CheckpointInfo]:
         """See :meth:`AsyncTrainingClient.save_checkpoint`."""
         return self._submit(self._inner.save_checkpoint, name, kind, dtype=dtype)
@@ -168,6 +188,25 @@ class ServiceClient(_OnPortal):
     def create_training_client_from_state(self, checkpoint: str) -> TrainingClient:
         """See :meth:`AsyncServiceClient.create_training_client_from_state`."""
         return TrainingClient(self._portal, self._wait(self._inner.create_training_client_from_state, checkpoint))
+
+    def sample_from_checkpoint(
+        self,
+        checkpoint: str,
+        prompt: Sequence[int] | torch.Tensor,
+        num_samples: int = 1,
+        params: SamplingParams | None = None,
+        *,
+        return_prompt_logprobs: bool = False,
+    ) -> SampleOutput:
+        """See :meth:`AsyncServiceClient.sample_from_checkpoint`."""
+        return self._wait(
+            self._inner.sample_from_checkpoint,
+            checkpoint,
+            prompt,
+            num_samples,
+            params,
+            return_prompt_logprobs=return_prompt_logprobs,
+        )
 
     def list_checkpoints(self) -> list[CheckpointInfo]:
         """See :meth:`AsyncServiceClient.list_checkpoints`."""

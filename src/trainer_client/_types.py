@@ -30,6 +30,9 @@ __all__ = [
     "LossFn",
     "ModelInfo",
     "OptimStepResult",
+    "SampleOutput",
+    "SampledSequence",
+    "SamplingParams",
     "ServerInfo",
 ]
 
@@ -105,6 +108,14 @@ class Datum:
                 raise ValueError(f"{name} has {len(t)} values, expected {len(tokens) - 1} (one per target)")
             inputs[name] = t
         return cls(model_input=tokens[:-1].clone(), loss_fn_inputs=inputs)
+
+    @classmethod
+    def from_sequence(cls, tokens: Sequence[int] | torch.Tensor) -> Datum:
+        """A datum scoring every token after the first of ``tokens`` (all weights 1)."""
+        t = _as_tensor(tokens, torch.int64)
+        if len(t) < 2:
+            raise ValueError("a sequence needs at least two tokens to score")
+        return cls(model_input=t[:-1].clone(), loss_fn_inputs={"target_tokens": t[1:].clone()})
 
     @classmethod
     def from_text(cls, tokenizer: Tokenizer, prompt: str, response: str, *, add_eos: bool = True) -> Datum:
@@ -333,3 +344,56 @@ class CheckpointInfo:
             files=[CheckpointFile(path=f.path, size=f.size, sha256=f.sha256) for f in msg.files],
             base_checkpoint=msg.base_checkpoint,
         )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample.
+
+    Attributes:
+        max_tokens: new tokens per sample.
+        temperature: softmax temperature; 0 is greedy. It changes which tokens are
+            drawn, not the logprobs reported (those are the model's, at temperature 1,
+            so they equal ``forward`` logprobs for the same tokens).
+        top_p: nucleus mass in (0, 1]; 1 is off.
+        top_k: keep the k most likely tokens; 0 is off.
+        stop: token sequences that end a sample (included in its tokens); EOS always stops.
+        seed: same seed, weights and request give the same samples; None is random.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: Sequence[Sequence[int]] = ()
+    seed: int | None = None
+
+    def to_proto(self) -> pb.SamplingParams:
+        """Encode for the wire."""
+        msg = pb.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=[pb.TokenSequence(tokens=list(s)) for s in self.stop],
+        )
+        if self.seed is not None:
+            msg.seed = self.seed
+        return msg
+
+
+@dataclass(frozen=True)
+class SampledSequence:
+    """One sample: new tokens, their logprobs, and why it ended ("stop" or "length")."""
+
+    tokens: list[int]
+    logprobs: torch.Tensor
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class SampleOutput:
+    """Samples of one prompt, in index order; prompt logprobs when asked for."""
+
+    sequences: list[SampledSequence]
+    prompt_logprobs: torch.Tensor | None

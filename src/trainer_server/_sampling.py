@@ -122,7 +122,9 @@ def generate(
     full = out.logits[0].float()
     prompt_lp = torch.log_softmax(full[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
     logits = out.logits[:, -1].float()
-    past = out.past_key_values
+    # transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`.
+    cache_kw = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
+    past = getattr(out, cache_kw)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
@@ -142,8 +144,8 @@ def generate(
                     reasons[i] = "stop"
         if all(r is not None for r in reasons) or step == settings.max_tokens - 1:
             break
-        out = model(input_ids=chosen[:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=chosen[:, None], use_cache=True, **{cache_kw: past})
+        past = getattr(out, cache_kw)
         logits = out.logits[:, -1].float()
     samples = [Sample(t, lp, r or "length") for t, lp, r in zip(tokens, logprobs, reasons, strict=True)]
     return samples, prompt_lp
