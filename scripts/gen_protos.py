@@ -33,10 +33,11 @@ def proto_files() -> list[Path]:
 def _rewrite_imports(text: str, proto_packages: set[str]) -> str:
     """Point absolute imports of generated modules at the installed package."""
     for pkg in sorted(proto_packages):
-        top = pkg.split(".")[0]
         text = re.sub(rf"^from {re.escape(pkg)} import", f"from {PACKAGE}.{pkg} import", text, flags=re.M)
         text = re.sub(rf"^import {re.escape(pkg)}\.", f"import {PACKAGE}.{pkg}.", text, flags=re.M)
-        text = re.sub(rf"(?<![\w.]){re.escape(top)}\.(v\d+)\.", rf"{PACKAGE}.{top}.\1.", text)
+        # Module names only (``trainer.v1.trainer_pb2``), never the wire names of services
+        # and methods (``/trainer.v1.TrainerService/Forward``), which must match the proto.
+        text = re.sub(rf"(?<![\w./]){re.escape(pkg)}\.(?=\w+_pb2(?:_grpc)?\b)", f"{PACKAGE}.{pkg}.", text)
     # The substitutions above can double-prefix names already rewritten.
     return text.replace(f"{PACKAGE}.{PACKAGE}.", f"{PACKAGE}.")
 

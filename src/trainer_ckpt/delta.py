@@ -96,7 +96,9 @@ import shutil
 import struct
 import sys
 import tempfile
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, cast
@@ -489,22 +491,48 @@ def _gap_width(numel: int) -> int:
     return 4 if numel <= 1 << 32 else 8
 
 
-def _encode_tensor(
-    base: _Bytes, new: _Bytes, itemsize: int, cctx: zstandard.ZstdCompressor
-) -> tuple[Encoding, bytes, int]:
-    """Encode one tensor's change; return ``(encoding, blob, changed)``."""
-    xor = np.bitwise_xor(_words(base, itemsize), _words(new, itemsize))
+_PARALLEL_MIN_BYTES: Final = 1 << 20
+_local = threading.local()
+
+
+def _compress(level: int, data: _Bytes) -> bytes:
+    """zstd-compress ``data`` into one frame with content size and checksum (a compressor per thread)."""
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "compressors", None)
+    if cache is None:
+        cache = _local.compressors = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cctx.compress(data.data)
+
+
+def _sparse_payload(xor: _Words) -> _Bytes:
+    """Return ``planes(gaps) || planes(values)`` of the nonzero words of ``xor``."""
     nonzero = np.flatnonzero(xor)
-    changed = int(nonzero.size)
+    gaps = (np.diff(nonzero, prepend=-1) - 1).astype(_WORD[_gap_width(xor.size)])
+    return np.concatenate([_to_planes(gaps), _to_planes(xor[nonzero])])
+
+
+def _encode_tensor(
+    base: _Bytes, new: _Bytes, itemsize: int, level: int, pool: ThreadPoolExecutor | None
+) -> tuple[Encoding, bytes, int]:
+    """Encode one tensor's change; return ``(encoding, blob, changed)``.
+
+    Every candidate is computed (concurrently on ``pool`` for large tensors) and the smallest kept.
+    """
+    xor = np.bitwise_xor(_words(base, itemsize), _words(new, itemsize))
+    changed = int(np.count_nonzero(xor))
     if changed == 0:
         return "zero", b"", 0
-    candidates: list[tuple[Encoding, bytes]] = [("xor", cctx.compress(xor.view(np.uint8).data))]
+    makers: list[tuple[Encoding, Callable[[], bytes]]] = [("xor", lambda: _compress(level, xor.view(np.uint8)))]
     if itemsize > 1:
-        candidates.append(("planes", cctx.compress(_to_planes(xor).data)))
-    gaps = np.diff(nonzero, prepend=-1) - 1
-    gap_words = gaps.astype(_WORD[_gap_width(xor.size)])
-    sparse = np.concatenate([_to_planes(gap_words), _to_planes(xor[nonzero])])
-    candidates.append(("sparse", cctx.compress(sparse.data)))
+        makers.append(("planes", lambda: _compress(level, _to_planes(xor))))
+    makers.append(("sparse", lambda: _compress(level, _sparse_payload(xor))))
+    if pool is None or xor.nbytes < _PARALLEL_MIN_BYTES:
+        candidates = [(encoding, make()) for encoding, make in makers]
+    else:
+        futures = [(encoding, pool.submit(make)) for encoding, make in makers]
+        candidates = [(encoding, future.result()) for encoding, future in futures]
     encoding, blob = min(candidates, key=lambda c: len(c[1]))  # min keeps the first of equal sizes
     return encoding, blob, changed
 
@@ -613,21 +641,23 @@ def _encode_all(
     sink: Any,
 ) -> tuple[list[TensorDelta], str]:
     """Encode tensors in the given (sorted) order, passing each blob to ``sink.write``."""
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     hasher = _WeightsHasher()
     entries: list[TensorDelta] = []
     offset = 0
-    for name, base_raw in names_base:
-        t = new[name]
-        new_raw = _tensor_bytes(t)
-        encoding, blob, changed = _encode_tensor(base_raw, new_raw, _DTYPES[codes[name]][1], cctx)
-        shape = tuple(t.shape)
-        hasher.add(name, codes[name], shape, new_raw)
-        entries.append(
-            TensorDelta(name, codes[name], shape, encoding, offset, len(blob), changed, _sha256_hex(new_raw))
-        )
-        sink.write(blob)
-        offset += len(blob)
+    workers = min(3, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delta-encode") as pool:
+        for name, base_raw in names_base:
+            t = new[name]
+            new_raw = _tensor_bytes(t)
+            itemsize = _DTYPES[codes[name]][1]
+            encoding, blob, changed = _encode_tensor(base_raw, new_raw, itemsize, level, pool if workers > 1 else None)
+            shape = tuple(t.shape)
+            hasher.add(name, codes[name], shape, new_raw)
+            entries.append(
+                TensorDelta(name, codes[name], shape, encoding, offset, len(blob), changed, _sha256_hex(new_raw))
+            )
+            sink.write(blob)
+            offset += len(blob)
     return entries, hasher.hexdigest()
 
 
@@ -742,14 +772,14 @@ def xor_zstd_baseline_size(
     """
     base_meta = {n: (_tensor_code(n, t, "base"), tuple(t.shape)) for n, t in base.items()}
     codes = _check_match(base_meta, new)
-    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
     xors = []
     for name in sorted(new):
         width = _DTYPES[codes[name]][1]
         xors.append(np.bitwise_xor(_words(_tensor_bytes(base[name]), width), _words(_tensor_bytes(new[name]), width)))
     if per_tensor:
-        return sum(len(cctx.compress(x.view(np.uint8).data)) for x in xors)
-    return len(cctx.compress(b"".join(x.tobytes() for x in xors)))
+        return sum(len(_compress(level, x.view(np.uint8))) for x in xors)
+    stream = np.concatenate([x.view(np.uint8) for x in xors]) if xors else np.zeros(0, np.uint8)
+    return len(_compress(level, stream))
 
 
 # --------------------------------------------------------------------------------------------

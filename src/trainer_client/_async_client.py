@@ -129,9 +129,10 @@ class _Stream:
     async def write(self, msg: Any) -> None:
         try:
             await self.call.write(msg)
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc_error(exc, self.method) from exc
-        except asyncio.InvalidStateError:  # the server already ended the call: report its status
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The server already ended the call (it rejected an earlier message): the write
+            # then fails with InvalidStateError or a synthetic INTERNAL "Internal error from
+            # Core". Report the status the server actually sent.
             await self._raise_status()
 
     async def _raise_status(self) -> None:
@@ -548,7 +549,7 @@ class AsyncServiceClient:
             base_model: a model name from ``get_server_info().models``.
             lora_rank: LoRA rank; ``None`` trains every parameter (full fine-tune).
             lora_alpha: LoRA scaling numerator (default: the rank).
-            lora_target_modules: modules to adapt (default: all linear layers).
+            lora_target_modules: modules to adapt (default: every linear layer, the output layer included).
             seed: seeds the adapter initialisation.
         """
         request = pb.CreateSessionRequest(base_model=base_model, seed=seed)

@@ -59,9 +59,15 @@ class _OnPortal:
     _portal: BlockingPortal
 
     def _submit(self, fn: Callable[..., APIFuture[T]], *args: Any, **kwargs: Any) -> APIFuture[T]:
-        """Call a method that starts a call and returns its future (no waiting)."""
+        """Call a method that starts a call and returns its future (no waiting).
+
+        The portal awaits whatever awaitable a function returns, and an APIFuture is
+        awaitable: returned bare, the caller would block until the call finished and get
+        its result instead of the future. So the future travels boxed in a tuple.
+        """
         _warn_if_in_event_loop(f"{type(self).__name__}.{fn.__name__}")
-        return self._portal.call(lambda: fn(*args, **kwargs))
+        (future,) = self._portal.call(lambda: (fn(*args, **kwargs),))
+        return future
 
     def _wait(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run a coroutine method to completion."""

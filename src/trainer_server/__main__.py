@@ -56,9 +56,25 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
     parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
     parser.add_argument("--max-tokens-per-call", type=int, default=Limits.max_tokens_per_call)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy CPU-only machine",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.torch_threads is not None:
+        if args.torch_threads < 1:
+            parser.error("--torch-threads must be at least 1")
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
+    # A server's log is for people: no per-file progress bars from transformers.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     names = [n for n, _ in args.model]
     if len(set(names)) != len(names):
         parser.error(f"model names must be unique, got {names}")

@@ -22,7 +22,7 @@ from trainer_server._batch import Batch
 from trainer_server._errors import ServiceError, invalid_argument
 from trainer_server._models import BaseModel
 
-__all__ = ["AdamSettings", "SessionModel"]
+__all__ = ["AdamSettings", "SessionModel", "default_lora_targets"]
 
 
 class AdamSettings:
@@ -53,6 +53,19 @@ class AdamSettings:
             raise invalid_argument(f"adam_params.weight_decay must be >= 0, got {self.weight_decay}")
         if self.grad_clip_norm < 0:
             raise invalid_argument(f"adam_params.grad_clip_norm must be >= 0 (0 disables), got {self.grad_clip_norm}")
+
+
+def default_lora_targets(model: torch.nn.Module) -> list[str]:
+    """Names of every linear layer, the output layer included (Tinker's ``train_unembed``).
+
+    peft's "all-linear" leaves out the output layer; a model whose output layer is frozen
+    cannot rescale its logits, which matters for small or freshly initialised models.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)}
+    )
 
 
 def _share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -86,7 +99,7 @@ class SessionModel:
             config = LoraConfig(
                 r=lora.rank,
                 lora_alpha=cast(Any, lora.alpha or lora.rank),  # peft annotates int; floats work
-                target_modules=list(lora.target_modules) or "all-linear",
+                target_modules=list(lora.target_modules) or default_lora_targets(base.model),
                 lora_dropout=0.0,
                 bias="none",
             )

@@ -54,7 +54,7 @@ class TrainerServer:
         self.runtime: Runtime | None = None
         self.servicer: TrainerServicer | None = None
         self._server: grpc.aio.Server | None = None
-        self._health = health.HealthServicer(experimental_non_blocking=True)
+        self._health = health.aio.HealthServicer()
         self._port: int | None = None
 
     @property
@@ -70,9 +70,9 @@ class TrainerServer:
         host = self.config.host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
-    def _set_health(self, status: int) -> None:
+    async def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):
-            self._health.set(name, status)  # type: ignore[arg-type]
+            await self._health.set(name, status)  # type: ignore[arg-type]
 
     async def start(self) -> None:
         """Bind, start serving, and load the models; returns once they are loaded."""
@@ -94,7 +94,7 @@ class TrainerServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         if self._port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
@@ -102,14 +102,14 @@ class TrainerServer:
         self._server = server
         log.info("listening on %s (health NOT_SERVING while models load)", self.address)
         await self.runtime.load_models()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.runtime.models), self.address)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish for ``grace_s``, then close."""
         if self._server is None:
             return
-        self._health.enter_graceful_shutdown()
+        await self._health.enter_graceful_shutdown()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         log.info("shutting down (grace %.1fs)", grace)
         await self._server.stop(grace)

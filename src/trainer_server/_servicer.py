@@ -9,6 +9,7 @@ into gRPC statuses in one place, :func:`translate_errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import weakref
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 from trainer_proto import pb, pb_grpc, wire
 from trainer_server._batch import Batch, parse_datums
@@ -49,21 +51,48 @@ def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
 
     @functools.wraps(handler)
     async def wrapper(self: _Servicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        streaming = not isinstance(request, Message)  # request-streaming handlers get an iterator
         try:
             return await handler(self, request, context)
         except ServiceError as exc:
             log.info("%s -> %s: %s", name, exc.code.name, exc.message)
-            await context.abort(exc.code, exc.message)
+            code, message = exc.code, exc.message
         except wire.WireError as exc:
             log.info("%s -> INVALID_ARGUMENT: %s", name, exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
         except (grpc.aio.AbortError, asyncio.CancelledError):
             raise
         except Exception:
             log.exception("%s failed", name)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{name}: internal error; see the server log")
+            code, message = grpc.StatusCode.INTERNAL, f"{name}: internal error; see the server log"
+        if streaming:
+            await _drain(context)
+        await context.abort(code, message)
 
     return wrapper
+
+
+async def _drain(context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Read what the client is still sending before failing the call.
+
+    A client rejected mid-stream may still be writing; if the call ends under it, grpc-aio
+    hands the client a generic INTERNAL instead of the status sent here. Reading until the
+    client goes quiet (or ends its stream) lets the precise status reach it. Bounded in
+    time, so a client that keeps writing cannot hold the handler.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DRAIN_MAX_S
+    with contextlib.suppress(Exception):
+        while loop.time() < deadline:
+            msg = await asyncio.wait_for(context.read(), _DRAIN_IDLE_S)
+            if msg is grpc.aio.EOF:
+                return
+
+
+_DRAIN_IDLE_S = 0.2
+"""A rejected client that sends nothing for this long is waiting for our reply."""
+_DRAIN_MAX_S = 10.0
+"""Stop draining a rejected stream after this long, whatever the client does."""
 
 
 _KINDS = {
@@ -141,7 +170,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             datums.extend(msg.datums.datums)
         if len(datums) != num_datums:
             raise invalid_argument(f"got {len(datums)} datums, but start.num_datums is {num_datums}")
-        return parse_datums(datums, session.base, limits)
+        return await asyncio.to_thread(parse_datums, datums, session.base, limits)  # O(tokens): off the loop
 
     async def _write_logprobs(
         self,

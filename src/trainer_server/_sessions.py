@@ -50,12 +50,13 @@ class Session:
         while self.next_seq in self._done_early:
             self._done_early.discard(self.next_seq)
             self.next_seq += 1
+        self._done_early = {n for n in self._done_early if n > self.next_seq}
 
     async def _finish(self, seq: int, *, had_turn: bool) -> None:
         async with self._changed:
             self._seen.discard(seq)
             if had_turn:
-                self.next_seq = seq + 1
+                self.next_seq = max(self.next_seq, seq + 1)  # never move back over numbers already used
             elif seq >= self.next_seq:
                 self._done_early.add(seq)
             self._advance()
@@ -106,21 +107,38 @@ class SequencedCall:
                 was closed meanwhile.
         """
         s = self.session
+        loop = asyncio.get_running_loop()
+        gap_since: float | None = None
         async with s._changed:
-            try:
-                await asyncio.wait_for(s._changed.wait_for(lambda: s.next_seq == self.seq or s.closed), gap_timeout_s)
-            except TimeoutError:
-                missing = s.next_seq
-                log.warning(
-                    "session %s: call %d gave up waiting for call %d; skipping the gap", s.id, self.seq, missing
-                )
-                s.next_seq = self.seq
-                self.had_turn = True  # everything up to and including this call is used up
+            while not s.closed and s.next_seq < self.seq:
+                if s.next_seq in s._seen:
+                    # The next call has arrived (it may be running): no gap, however long it takes.
+                    gap_since = None
+                    await s._changed.wait()
+                    continue
+                if gap_since is None:
+                    gap_since = loop.time()
+                try:
+                    await asyncio.wait_for(s._changed.wait(), max(0.0, gap_since + gap_timeout_s - loop.time()))
+                except TimeoutError:
+                    if s.next_seq in s._seen or s.next_seq >= self.seq or s.closed:
+                        continue  # it arrived (or we were skipped) just as the timer fired
+                    missing = s.next_seq
+                    log.warning(
+                        "session %s: call %d gave up waiting for call %d; skipping the gap", s.id, self.seq, missing
+                    )
+                    self.had_turn = True  # every number up to and including this one is used up
+                    raise ServiceError(
+                        grpc.StatusCode.ABORTED,
+                        f"session {s.id}: call {self.seq} waited {gap_timeout_s:g}s for call {missing}, which never "
+                        f"arrived; call {self.seq} was not applied and calls {missing}..{self.seq} are skipped",
+                    ) from None
+            if not s.closed and s.next_seq > self.seq:
                 raise ServiceError(
                     grpc.StatusCode.ABORTED,
-                    f"session {s.id}: call {self.seq} waited {gap_timeout_s:g}s for call {missing}, which never "
-                    f"arrived; call {self.seq} was not applied and calls {missing}..{self.seq} are skipped",
-                ) from None
+                    f"session {s.id}: call {self.seq} was skipped, with the gap before it, by a later call that gave "
+                    "up waiting for a missing call; it was not applied",
+                )
         if s.closed:
             raise not_found(f"session {s.id} is closed")
         self.had_turn = True

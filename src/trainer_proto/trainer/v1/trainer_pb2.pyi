@@ -505,7 +505,7 @@ class LoraConfig(_message.Message):
     """Scaling numerator; 0 means alpha = rank."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Module names to adapt; empty means all linear layers."""
+        """Module names to adapt; empty means every linear layer, the output layer included."""
 
     def __init__(
         self,

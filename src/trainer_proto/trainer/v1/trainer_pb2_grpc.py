@@ -37,67 +37,67 @@ class TrainerServiceStub:
             channel: A grpc.Channel.
         """
         self.GetServerInfo = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/GetServerInfo',
+                '/trainer.v1.TrainerService/GetServerInfo',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.GetServerInfoResponse.FromString,
                 _registered_method=True)
         self.CreateSession = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/CreateSession',
+                '/trainer.v1.TrainerService/CreateSession',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.CreateSessionRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.CreateSessionResponse.FromString,
                 _registered_method=True)
         self.GetTokenizer = channel.unary_stream(
-                '/trainer_proto.trainer.v1.TrainerService/GetTokenizer',
+                '/trainer.v1.TrainerService/GetTokenizer',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.GetTokenizerRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.GetTokenizerResponse.FromString,
                 _registered_method=True)
         self.Forward = channel.stream_stream(
-                '/trainer_proto.trainer.v1.TrainerService/Forward',
+                '/trainer.v1.TrainerService/Forward',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.ForwardResponse.FromString,
                 _registered_method=True)
         self.ForwardBackward = channel.stream_stream(
-                '/trainer_proto.trainer.v1.TrainerService/ForwardBackward',
+                '/trainer.v1.TrainerService/ForwardBackward',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.ForwardBackwardRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.ForwardBackwardResponse.FromString,
                 _registered_method=True)
         self.ForwardBackwardCustom = channel.stream_stream(
-                '/trainer_proto.trainer.v1.TrainerService/ForwardBackwardCustom',
+                '/trainer.v1.TrainerService/ForwardBackwardCustom',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.ForwardBackwardCustomRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.ForwardBackwardCustomResponse.FromString,
                 _registered_method=True)
         self.OptimStep = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/OptimStep',
+                '/trainer.v1.TrainerService/OptimStep',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.OptimStepRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.OptimStepResponse.FromString,
                 _registered_method=True)
         self.SaveCheckpoint = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/SaveCheckpoint',
+                '/trainer.v1.TrainerService/SaveCheckpoint',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
                 _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/ListCheckpoints',
+                '/trainer.v1.TrainerService/ListCheckpoints',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
         self.DeleteCheckpoint = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/DeleteCheckpoint',
+                '/trainer.v1.TrainerService/DeleteCheckpoint',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
                 _registered_method=True)
         self.DownloadCheckpoint = channel.unary_stream(
-                '/trainer_proto.trainer.v1.TrainerService/DownloadCheckpoint',
+                '/trainer.v1.TrainerService/DownloadCheckpoint',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.FromString,
                 _registered_method=True)
         self.Sample = channel.unary_stream(
-                '/trainer_proto.trainer.v1.TrainerService/Sample',
+                '/trainer.v1.TrainerService/Sample',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.SampleRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.SampleResponse.FromString,
                 _registered_method=True)
         self.CloseSession = channel.unary_unary(
-                '/trainer_proto.trainer.v1.TrainerService/CloseSession',
+                '/trainer.v1.TrainerService/CloseSession',
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
@@ -271,9 +271,9 @@ def add_TrainerServiceServicer_to_server(servicer, server):
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'trainer_proto.trainer.v1.TrainerService', rpc_method_handlers)
+            'trainer.v1.TrainerService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('trainer_proto.trainer.v1.TrainerService', rpc_method_handlers)
+    server.add_registered_method_handlers('trainer.v1.TrainerService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
@@ -296,7 +296,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/GetServerInfo',
+            '/trainer.v1.TrainerService/GetServerInfo',
             trainer_dot_v1_dot_trainer__pb2.GetServerInfoRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.GetServerInfoResponse.FromString,
             options,
@@ -323,7 +323,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/CreateSession',
+            '/trainer.v1.TrainerService/CreateSession',
             trainer_dot_v1_dot_trainer__pb2.CreateSessionRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.CreateSessionResponse.FromString,
             options,
@@ -350,7 +350,7 @@ class TrainerService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/GetTokenizer',
+            '/trainer.v1.TrainerService/GetTokenizer',
             trainer_dot_v1_dot_trainer__pb2.GetTokenizerRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.GetTokenizerResponse.FromString,
             options,
@@ -377,7 +377,7 @@ class TrainerService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/Forward',
+            '/trainer.v1.TrainerService/Forward',
             trainer_dot_v1_dot_trainer__pb2.ForwardRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.ForwardResponse.FromString,
             options,
@@ -404,7 +404,7 @@ class TrainerService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/ForwardBackward',
+            '/trainer.v1.TrainerService/ForwardBackward',
             trainer_dot_v1_dot_trainer__pb2.ForwardBackwardRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.ForwardBackwardResponse.FromString,
             options,
@@ -431,7 +431,7 @@ class TrainerService:
         return grpc.experimental.stream_stream(
             request_iterator,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/ForwardBackwardCustom',
+            '/trainer.v1.TrainerService/ForwardBackwardCustom',
             trainer_dot_v1_dot_trainer__pb2.ForwardBackwardCustomRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.ForwardBackwardCustomResponse.FromString,
             options,
@@ -458,7 +458,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/OptimStep',
+            '/trainer.v1.TrainerService/OptimStep',
             trainer_dot_v1_dot_trainer__pb2.OptimStepRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.OptimStepResponse.FromString,
             options,
@@ -485,7 +485,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/SaveCheckpoint',
+            '/trainer.v1.TrainerService/SaveCheckpoint',
             trainer_dot_v1_dot_trainer__pb2.SaveCheckpointRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.SaveCheckpointResponse.FromString,
             options,
@@ -512,7 +512,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/ListCheckpoints',
+            '/trainer.v1.TrainerService/ListCheckpoints',
             trainer_dot_v1_dot_trainer__pb2.ListCheckpointsRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.ListCheckpointsResponse.FromString,
             options,
@@ -539,7 +539,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/DeleteCheckpoint',
+            '/trainer.v1.TrainerService/DeleteCheckpoint',
             trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.DeleteCheckpointResponse.FromString,
             options,
@@ -566,7 +566,7 @@ class TrainerService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/DownloadCheckpoint',
+            '/trainer.v1.TrainerService/DownloadCheckpoint',
             trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.DownloadCheckpointResponse.FromString,
             options,
@@ -593,7 +593,7 @@ class TrainerService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/Sample',
+            '/trainer.v1.TrainerService/Sample',
             trainer_dot_v1_dot_trainer__pb2.SampleRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.SampleResponse.FromString,
             options,
@@ -620,7 +620,7 @@ class TrainerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/trainer_proto.trainer.v1.TrainerService/CloseSession',
+            '/trainer.v1.TrainerService/CloseSession',
             trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
             options,
