@@ -73,14 +73,6 @@ DEFAULT_STEPS = 250
 QUICK_STEPS = 6
 DEFAULT_LR_LORA = 5e-3
 DEFAULT_LR_FULL = 2e-3
-LLAMA_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
-"""Every linear layer of a Llama-style model, the output head (``lm_head``) included.
-
-The server's default ("all linear layers", peft's ``all-linear``) leaves ``lm_head`` out. A
-pretrained model already has confident logits, but the built-in model is randomly initialised:
-its logits are tiny, the frozen head cannot make them larger, and a LoRA that skips the head
-stalls at a loss of about 5.3 nats. Adapting the head as well (Tinker's ``train_unembed``) fixes it.
-"""
 NUM_HELD_OUT = 10
 CANDIDATES = tuple(range(10))
 """Every answer is a single digit, so each problem has exactly ten candidate answers."""
@@ -478,10 +470,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--lora-targets",
-        default=LLAMA_LORA_TARGETS,
+        default="",
         metavar="NAMES",
-        help="comma-separated module names LoRA adapts (default: every linear layer of a Llama, lm_head included; "
-        "'' for the server's default, which leaves lm_head out)",
+        help="comma-separated module names LoRA adapts (default: the server's, every linear layer with lm_head)",
     )
     parser.add_argument(
         "--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS}; {QUICK_STEPS} with --quick)"
