@@ -58,10 +58,11 @@ Invariants
 
 - Lossless: ``apply_delta(base, write_delta(base, new))`` equals ``new`` bit for bit (NaN
   payloads, signed zeros and subnormals included), for every supported dtype.
-- Never smaller-than-baseline by accident, never larger: each tensor is stored with the smallest
-  of its candidates, so the total is at most the per-tensor XOR+zstd baseline.
+- Never larger than plain XOR+zstd per tensor: each tensor is stored with the smallest of its
+  candidates, and ``xor`` (that baseline) is always one of them.
 - Deterministic: equal inputs and level give byte-identical ``delta.bin`` and ``delta.json``
-  (for a given zstd library version).
+  (for a given zstd library version). The candidates of large tensors are compressed
+  concurrently on a small thread pool; that changes the speed, never the bytes.
 - Verified: applying checks the base file's sha256 before anything else, that the blobs tile
   ``delta.bin`` exactly, that every zstd frame decodes (checksum included) to exactly the expected
   size, the sha256 of every rebuilt tensor and finally :func:`weights_sha256` of the whole

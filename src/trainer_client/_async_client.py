@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -479,9 +480,11 @@ class AsyncServiceClient:
 
     Args:
         target: ``host:port`` of the server.
-        api_key: sent as ``authorization: Bearer <key>`` when given.
+        api_key: sent as ``authorization: Bearer <key>``; defaults to ``$TRAINER_API_KEY``.
         config: deadlines, sizes and retries.
-        channel: use this channel instead of opening one (e.g. with TLS or interceptors).
+        tls: connect with TLS (system roots unless ``root_certificates`` is given).
+        root_certificates: PEM roots to verify the server with (implies TLS).
+        channel: use this channel instead of opening one (e.g. with interceptors).
     """
 
     def __init__(
@@ -490,19 +493,22 @@ class AsyncServiceClient:
         *,
         api_key: str | None = None,
         config: ClientConfig | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.target = target
         self.config = config or ClientConfig()
-        self._channel = channel or grpc.aio.insecure_channel(
-            target,
-            options=options.grpc_options(
-                max_message_bytes=self.config.max_message_bytes,
-                keepalive_time_s=self.config.keepalive_time_s,
-                keepalive_timeout_s=self.config.keepalive_timeout_s,
-            ),
+        opts = options.grpc_options(
+            max_message_bytes=self.config.max_message_bytes,
+            keepalive_time_s=self.config.keepalive_time_s,
+            keepalive_timeout_s=self.config.keepalive_timeout_s,
         )
+        if channel is None and (tls or root_certificates is not None):
+            channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=opts)
+        self._channel = channel or grpc.aio.insecure_channel(target, options=opts)
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
+        api_key = api_key if api_key is not None else os.environ.get("TRAINER_API_KEY")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._tokenizers: dict[str, Any] = {}
 

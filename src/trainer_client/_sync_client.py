@@ -157,13 +157,21 @@ class ServiceClient(_OnPortal):
     """Sync facade over :class:`AsyncServiceClient`; arguments are the same."""
 
     def __init__(
-        self, target: str = "localhost:50051", *, api_key: str | None = None, config: ClientConfig | None = None
+        self,
+        target: str = "localhost:50051",
+        *,
+        api_key: str | None = None,
+        config: ClientConfig | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
         self._portal_cm: Any = start_blocking_portal(backend="asyncio")
         self._portal = self._portal_cm.__enter__()
 
         async def make() -> AsyncServiceClient:
-            return AsyncServiceClient(target, api_key=api_key, config=config)
+            return AsyncServiceClient(
+                target, api_key=api_key, config=config, tls=tls, root_certificates=root_certificates
+            )
 
         self._inner = self._portal.call(make)
 

@@ -17,6 +17,7 @@ import logging
 import signal
 from pathlib import Path
 
+from trainer_server._auth import load_api_keys
 from trainer_server._config import Limits, ServerConfig
 from trainer_server._server import TrainerServer
 
@@ -57,6 +58,15 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
     parser.add_argument("--max-tokens-per-call", type=int, default=Limits.max_tokens_per_call)
     parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="file of accepted API keys, one per line (TRAINER_API_KEYS, comma-separated, adds more); "
+        "no keys means auth is off",
+    )
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -75,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    if (args.tls_cert is None) != (args.tls_key is None):
+        parser.error("--tls-cert and --tls-key go together")
     names = [n for n, _ in args.model]
     if len(set(names)) != len(names):
         parser.error(f"model names must be unique, got {names}")
@@ -85,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         device=args.device,
         dtype=args.dtype,
         checkpoint_dir=args.checkpoint_dir,
+        api_keys=load_api_keys(args.api_key_file),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         limits=Limits(max_sessions=args.max_sessions, max_tokens_per_call=args.max_tokens_per_call),
     )
 

@@ -21,6 +21,8 @@ class Limits:
         max_message_bytes: largest single gRPC message either way.
         chunk_bytes: size of the chunks tensors are streamed in.
         max_samples_per_call: ``num_samples`` of one Sample call.
+        max_sessions_per_key: open sessions one API key may hold.
+        max_inflight_per_session: calls of one session submitted and not yet finished.
     """
 
     max_tokens_per_call: int = 1 << 17
@@ -29,6 +31,8 @@ class Limits:
     max_message_bytes: int = options.DEFAULT_MAX_MESSAGE_BYTES
     chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
     max_samples_per_call: int = 64
+    max_sessions_per_key: int = 16
+    max_inflight_per_session: int = 64
 
     def __post_init__(self) -> None:
         for name in (
@@ -37,6 +41,8 @@ class Limits:
             "max_sessions",
             "chunk_bytes",
             "max_samples_per_call",
+            "max_sessions_per_key",
+            "max_inflight_per_session",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"Limits.{name} must be positive, got {getattr(self, name)}")
@@ -66,6 +72,10 @@ class ServerConfig:
         keepalive_time_s: keepalive ping interval (matches the client's default).
         checkpoint_dir: where checkpoints are written; None means
             ``$TRAINER_HOME/checkpoints``.
+        api_keys: accepted API keys (``authorization: Bearer <key>``); empty turns auth
+            off. Sessions and checkpoints belong to the key that made them.
+        tls_cert: PEM server certificate (chain); with ``tls_key``, serve TLS only.
+        tls_key: PEM private key of ``tls_cert``.
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -78,11 +88,16 @@ class ServerConfig:
     shutdown_grace_s: float = 5.0
     keepalive_time_s: float = options.DEFAULT_KEEPALIVE_TIME_S
     checkpoint_dir: Path | None = None
+    api_keys: frozenset[str] = frozenset()
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ServerConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("ServerConfig.tls_cert and tls_key go together: set both or neither")
         if self.sequence_gap_timeout_s <= 0:
             raise ValueError("ServerConfig.sequence_gap_timeout_s must be positive")

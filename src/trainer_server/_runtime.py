@@ -79,10 +79,18 @@ class Runtime:
         self.model_paths = model_paths
         self.device = pick_device(config.device)
         self.models: dict[str, BaseModel] = {}
-        self.sessions = SessionRegistry(config.limits.max_sessions)
+        limits = config.limits
+        self.sessions = SessionRegistry(
+            limits.max_sessions,
+            max_sessions_per_key=limits.max_sessions_per_key,
+            max_inflight=limits.max_inflight_per_session,
+        )
         self.ready = False
         self._checkpoint_models: dict[tuple[str, float], tuple[Any, BaseModel]] = {}
-        self.checkpoints = CheckpointStore(config.checkpoint_dir or trainer_home() / "checkpoints")
+        self.checkpoint_root = config.checkpoint_dir or trainer_home() / "checkpoints"
+        self.checkpoints = CheckpointStore(self.checkpoint_root)
+        """The anonymous owner's checkpoints (all of them when auth is off)."""
+        self._stores: dict[str, CheckpointStore] = {"": self.checkpoints}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-device")
 
     async def on_device(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
@@ -119,15 +127,26 @@ class Runtime:
             raise not_found(f"unknown base model {name!r}; this server serves {sorted(self.models)}")
         return base
 
-    def session(self, session_id: str) -> Session:
-        """An open session by id (see :meth:`SessionRegistry.get`)."""
+    def session(self, session_id: str, owner: str = "") -> Session:
+        """An open session of ``owner`` by id (see :meth:`SessionRegistry.get`)."""
         self._check_ready()
-        return self.sessions.get(session_id)
+        return self.sessions.get(session_id, owner)
 
-    async def create_session(self, request: pb.CreateSessionRequest) -> Session:
+    def checkpoint_store(self, owner: str) -> CheckpointStore:
+        """The checkpoints of one owner: the root for "", else a hidden per-key directory.
+
+        Checkpoint names never start with ".", so an owner directory can never collide
+        with a checkpoint name, and the anonymous listing never shows it.
+        """
+        store = self._stores.get(owner)
+        if store is None:
+            store = self._stores[owner] = CheckpointStore(self.checkpoint_root / f".owner-{owner}")
+        return store
+
+    async def create_session(self, request: pb.CreateSessionRequest, owner: str = "") -> Session:
         """Validate a CreateSession request and build the session on the device thread."""
         if request.resume_from:
-            return await self._resume_session(request)
+            return await self._resume_session(request, owner)
         base = self.model(request.base_model)
         mode = request.WhichOneof("mode")
         if mode is None:
@@ -138,12 +157,12 @@ class Runtime:
                 raise invalid_argument(f"lora.rank must be in [1, {MAX_LORA_RANK}], got {lora.rank}")
             if lora.alpha < 0:
                 raise invalid_argument(f"lora.alpha must be >= 0 (0 means alpha = rank), got {lora.alpha}")
-        self.sessions.check_capacity()
+        self.sessions.check_capacity(owner)
         try:
             state = await self.on_device(SessionModel, base, lora, request.seed)
         except ValueError as exc:  # peft rejects target modules that do not exist
             raise invalid_argument(f"cannot build the session: {exc}") from None
-        session = self.sessions.add(base, state)
+        session = self.sessions.add(base, state, owner)
         log.info(
             "session %s created on %r (%s, %d trainable parameters)",
             session.id,
@@ -153,9 +172,10 @@ class Runtime:
         )
         return session
 
-    async def _resume_session(self, request: pb.CreateSessionRequest) -> Session:
+    async def _resume_session(self, request: pb.CreateSessionRequest, owner: str) -> Session:
         """Build a session from a STATE checkpoint; training continues exactly."""
-        manifest = self.checkpoints.manifest(request.resume_from)
+        store = self.checkpoint_store(owner)
+        manifest = store.manifest(request.resume_from)
         if manifest.kind != "state":
             raise invalid_argument(
                 f"resume_from needs a STATE checkpoint; {manifest.name!r} is {manifest.kind.upper()}"
@@ -167,9 +187,9 @@ class Runtime:
         if request.WhichOneof("mode") is not None:
             raise invalid_argument("resume_from takes the mode from the checkpoint; do not set lora or full")
         base = self.model(manifest.base_model)
-        self.sessions.check_capacity()
-        directory = self.checkpoints.path(manifest.name)
-        await asyncio.to_thread(self.checkpoints.verify, manifest.name)
+        self.sessions.check_capacity(owner)
+        directory = store.path(manifest.name)
+        await asyncio.to_thread(store.verify, manifest.name)
         info, lora = _export.read_state_info(directory)
 
         def build() -> SessionModel:
@@ -178,14 +198,15 @@ class Runtime:
             state.last_base = str(info.get("last_base", ""))
             return state
 
-        session = self.sessions.add(base, await self.on_device(build))
+        session = self.sessions.add(base, await self.on_device(build), owner)
         log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
         return session
 
     def _check_save(self, session: Session, name: str, kind: int, dtype: int) -> tuple[str, torch.dtype]:
         """Validate a save before its turn; return the kind's name and the export dtype."""
-        self.checkpoints.path(name)  # validates the name
-        if self.checkpoints.exists(name):
+        store = self.checkpoint_store(session.owner)
+        store.path(name)  # validates the name
+        if store.exists(name):
             raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {name!r} already exists; delete it first")
         kinds: dict[int, str] = {
             pb.CHECKPOINT_KIND_BASE: "base",
@@ -215,22 +236,23 @@ class Runtime:
         kind, dtype = self._check_save(session, request.name, request.kind, request.dtype)
         await call.wait_turn(self.config.sequence_gap_timeout_s)
         state = session.state
+        store = self.checkpoint_store(session.owner)
         if kind == "delta":
-            if not state.last_base or not self.checkpoints.exists(state.last_base):
+            if not state.last_base or not store.exists(state.last_base):
                 raise ServiceError(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     "a DELTA is taken against the session's last BASE checkpoint, and there is none: save a BASE first",
                 )
-            await asyncio.to_thread(self.checkpoints.verify, state.last_base)
+            await asyncio.to_thread(store.verify, state.last_base)
 
         def save() -> Manifest:
             extra: dict[str, Any] = {}
             export_dtype = dtype
-            with self.checkpoints.writing(request.name) as tmp:
+            with store.writing(request.name) as tmp:
                 if kind == "base":
                     _export.write_base(state, tmp, dtype)
                 elif kind == "delta":
-                    base_dir = self.checkpoints.path(state.last_base)
+                    base_dir = store.path(state.last_base)
                     export_dtype = _export.base_dtype(base_dir)
                     extra = _export.write_delta(state, tmp, base_dir)
                 elif kind == "adapter":
@@ -239,7 +261,7 @@ class Runtime:
                 else:
                     export_dtype = torch.float32
                     _export.write_state(state, tmp, base_model=session.base.name, last_base=state.last_base)
-                manifest = self.checkpoints.commit(
+                manifest = store.commit(
                     tmp,
                     lambda files: Manifest(
                         name=request.name,
@@ -261,19 +283,20 @@ class Runtime:
 
         return await self.on_device(save)
 
-    async def checkpoint_model(self, name: str) -> tuple[Any, BaseModel]:
+    async def checkpoint_model(self, name: str, owner: str = "") -> tuple[Any, BaseModel]:
         """A model with a BASE or STATE checkpoint's weights, for sampling (a few are cached).
 
         Returns:
             The model and the base model it belongs to.
         """
-        manifest = self.checkpoints.manifest(name)
-        key = (manifest.name, manifest.created_at)
+        store = self.checkpoint_store(owner)
+        manifest = store.manifest(name)
+        key = (f"{owner}/{manifest.name}", manifest.created_at)
         if key in self._checkpoint_models:
             return self._checkpoint_models[key]
         base = self.model(manifest.base_model)
-        directory = self.checkpoints.path(manifest.name)
-        await asyncio.to_thread(self.checkpoints.verify, manifest.name)
+        directory = store.path(manifest.name)
+        await asyncio.to_thread(store.verify, manifest.name)
         if manifest.kind == "base":
             loaded = await self.on_device(load_base_model, name, directory, self.device, manifest.dtype)
             model = loaded.model

@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from trainer_proto import options, pb, pb_grpc
+from trainer_server._auth import ApiKeyInterceptor
 from trainer_server._config import ServerConfig
 from trainer_server._runtime import Runtime
 from trainer_server._servicer import TrainerServicer
@@ -82,11 +83,12 @@ class TrainerServer:
         self.runtime = Runtime(self.config, await asyncio.to_thread(_model_paths, self.config))
         self.servicer = TrainerServicer(self.runtime)
         server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(self.config.api_keys)] if self.config.api_keys else None,
             options=options.grpc_options(
                 max_message_bytes=limits.max_message_bytes,
                 keepalive_time_s=self.config.keepalive_time_s,
                 server=True,
-            )
+            ),
         )
         pb_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -95,12 +97,24 @@ class TrainerServer:
             server,
         )
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self._port = server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        bind = f"{self.config.host}:{self.config.port}"
+        if self.config.tls_cert is not None and self.config.tls_key is not None:
+            credentials = grpc.ssl_server_credentials(
+                [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
+            )
+            self._port = server.add_secure_port(bind, credentials)
+        else:
+            self._port = server.add_insecure_port(bind)
         if self._port == 0:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
-        log.info("listening on %s (health NOT_SERVING while models load)", self.address)
+        log.info(
+            "listening on %s%s%s (health NOT_SERVING while models load)",
+            self.address,
+            " with TLS" if self.config.tls_cert else "",
+            f", {len(self.config.api_keys)} API keys" if self.config.api_keys else ", no API keys (auth off)",
+        )
         await self.runtime.load_models()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.runtime.models), self.address)

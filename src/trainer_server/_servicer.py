@@ -21,6 +21,7 @@ import torch
 from google.protobuf.message import Message
 
 from trainer_proto import pb, pb_grpc, wire
+from trainer_server._auth import owner_of
 from trainer_server._batch import Batch, parse_datums
 from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._engine import AdamSettings
@@ -135,6 +136,10 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self.held_graphs: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
         """Logprob tensors whose autograd graph is alive (custom calls waiting for gradients)."""
 
+    def _owner(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The caller's owner id ("" when auth is off)."""
+        return owner_of(context, bool(self.runtime.config.api_keys))
+
     # ---- stream helpers -------------------------------------------------------------
 
     @staticmethod
@@ -230,7 +235,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateSessionResponse:
         """Start a LoRA or full fine-tune session."""
-        session = await self.runtime.create_session(request)
+        session = await self.runtime.create_session(request, self._owner(context))
         return pb.CreateSessionResponse(
             session_id=session.id,
             base_model=session.base.name,
@@ -258,7 +263,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def Forward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Logprobs of the targets on the session's current weights; nothing is kept."""
         start = await self._read_start(context)
-        session = self.runtime.session(start.call.session_id)
+        session = self.runtime.session(start.call.session_id, self._owner(context))
         async with session.call(start.call.seq) as call:
             dtype = _logprobs_dtype(start.logprobs_dtype)
             batch = await self._read_batch(context, session, start.num_datums)
@@ -271,7 +276,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def ForwardBackward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """A built-in loss: forward, loss, backward; gradients accumulate."""
         start = await self._read_start(context)
-        session = self.runtime.session(start.call.session_id)
+        session = self.runtime.session(start.call.session_id, self._owner(context))
         async with session.call(start.call.seq) as call:
             dtype = _logprobs_dtype(start.logprobs_dtype)
             loss_fn = LOSSES.get(start.loss_fn)
@@ -303,7 +308,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         is released and the session's gradients are untouched.
         """
         start = await self._read_start(context)
-        session = self.runtime.session(start.call.session_id)
+        session = self.runtime.session(start.call.session_id, self._owner(context))
         async with session.call(start.call.seq) as call:
             dtype = _logprobs_dtype(start.logprobs_dtype)
             batch = await self._read_batch(context, session, start.num_datums)
@@ -325,7 +330,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.OptimStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.OptimStepResponse:
         """AdamW on the accumulated gradients; always reports the gradient norm."""
-        session = self.runtime.session(request.call.session_id)
+        session = self.runtime.session(request.call.session_id, self._owner(context))
         async with session.call(request.call.seq) as call:
             settings = AdamSettings(request.adam_params)
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
@@ -337,7 +342,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SaveCheckpointResponse:
         """Write a checkpoint after the session's earlier calls (a barrier)."""
-        session = self.runtime.session(request.call.session_id)
+        session = self.runtime.session(request.call.session_id, self._owner(context))
         async with session.call(request.call.seq) as call:
             manifest = await self.runtime.save_checkpoint(session, call, request)
         return pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
@@ -347,7 +352,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListCheckpointsResponse:
         """Committed checkpoints, oldest first."""
-        manifests = await asyncio.to_thread(self.runtime.checkpoints.all)
+        manifests = await asyncio.to_thread(self.runtime.checkpoint_store(self._owner(context)).all)
         return pb.ListCheckpointsResponse(checkpoints=[checkpoint_info(m) for m in manifests])
 
     @translate_errors
@@ -355,7 +360,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeleteCheckpointResponse:
         """Remove a checkpoint."""
-        await asyncio.to_thread(self.runtime.checkpoints.delete, request.name)
+        await asyncio.to_thread(self.runtime.checkpoint_store(self._owner(context)).delete, request.name)
         return pb.DeleteCheckpointResponse()
 
     @translate_errors
@@ -363,7 +368,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.DownloadCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """Stream one file of a checkpoint from ``offset``, in chunks."""
-        store = self.runtime.checkpoints
+        store = self.runtime.checkpoint_store(self._owner(context))
         manifest = await asyncio.to_thread(store.manifest, request.name)
         if request.file != MANIFEST:
             manifest.file(request.file)  # NOT_FOUND for a file the manifest does not list
@@ -393,7 +398,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         """Generate from a session's current weights (sequenced) or from a checkpoint."""
         source = request.WhichOneof("source")
         if source == "call":
-            session = self.runtime.session(request.call.session_id)
+            session = self.runtime.session(request.call.session_id, self._owner(context))
             async with session.call(request.call.seq) as call:
                 prompt, settings = self._sampling_request(request, session.base)
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
@@ -401,7 +406,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     generate, session.state.model, prompt, settings, session.base.eos_token_ids, self.runtime.device
                 )
         elif source == "checkpoint":
-            model, base = await self.runtime.checkpoint_model(request.checkpoint)
+            model, base = await self.runtime.checkpoint_model(request.checkpoint, self._owner(context))
             prompt, settings = self._sampling_request(request, base)
             samples, prompt_lp = await self.runtime.on_device(
                 generate, model, prompt, settings, base.eos_token_ids, self.runtime.device
@@ -443,7 +448,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
         """Close the session after its earlier calls; its memory is freed."""
-        session = self.runtime.session(request.call.session_id)
+        session = self.runtime.session(request.call.session_id, self._owner(context))
         async with session.call(request.call.seq) as call:
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
             await self.runtime.close_session(session)

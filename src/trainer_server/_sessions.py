@@ -35,10 +35,14 @@ log = logging.getLogger("trainer_server.sessions")
 class Session:
     """One training session: its model state and its call sequencer."""
 
-    def __init__(self, session_id: str, base: BaseModel, state: SessionModel) -> None:
+    def __init__(
+        self, session_id: str, base: BaseModel, state: SessionModel, *, owner: str = "", max_inflight: int = 64
+    ) -> None:
         self.id = session_id
         self.base = base
         self.state = state
+        self.owner = owner
+        self.max_inflight = max_inflight
         self.next_seq = 1
         self.closed = False
         self.created_at = time.time()
@@ -82,6 +86,11 @@ class Session:
             )
         if self.closed:
             raise not_found(f"session {self.id} is closed")
+        if len(self._seen) >= self.max_inflight:
+            raise resource_exhausted(
+                f"session {self.id} has {len(self._seen)} calls in flight, the limit "
+                f"max_inflight_per_session={self.max_inflight}; await some before submitting more"
+            )
         self._seen.add(seq)
         sequenced = SequencedCall(self, seq)
         try:
@@ -147,37 +156,46 @@ class SequencedCall:
 class SessionRegistry:
     """All open sessions, by id."""
 
-    def __init__(self, max_sessions: int) -> None:
+    def __init__(self, max_sessions: int, *, max_sessions_per_key: int = 64, max_inflight: int = 64) -> None:
         self.max_sessions = max_sessions
+        self.max_sessions_per_key = max_sessions_per_key
+        self.max_inflight = max_inflight
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def check_capacity(self) -> None:
-        """Raise RESOURCE_EXHAUSTED when no more sessions may be opened."""
+    def check_capacity(self, owner: str = "") -> None:
+        """Raise RESOURCE_EXHAUSTED when no more sessions may be opened (in total, or by this key)."""
         if len(self._sessions) >= self.max_sessions:
             raise resource_exhausted(
                 f"{len(self._sessions)} sessions are open, the limit max_sessions={self.max_sessions}; close one first"
             )
+        mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+        if owner and mine >= self.max_sessions_per_key:
+            raise resource_exhausted(
+                f"this API key has {mine} sessions open, the limit max_sessions_per_key={self.max_sessions_per_key}; "
+                "close one first"
+            )
 
-    def add(self, base: BaseModel, state: SessionModel) -> Session:
-        """Register a new session under a fresh id."""
-        self.check_capacity()
-        session = Session(f"s-{uuid.uuid4().hex[:16]}", base, state)
+    def add(self, base: BaseModel, state: SessionModel, owner: str = "") -> Session:
+        """Register a new session of ``owner`` under a fresh id."""
+        self.check_capacity(owner)
+        session = Session(f"s-{uuid.uuid4().hex[:16]}", base, state, owner=owner, max_inflight=self.max_inflight)
         self._sessions[session.id] = session
         return session
 
-    def get(self, session_id: str) -> Session:
-        """Look up an open session.
+    def get(self, session_id: str, owner: str = "") -> Session:
+        """Look up an open session of ``owner``.
 
         Raises:
-            ServiceError: INVALID_ARGUMENT for an empty id, NOT_FOUND for an unknown one.
+            ServiceError: INVALID_ARGUMENT for an empty id, NOT_FOUND for an unknown one
+                or one that belongs to another key.
         """
         if not session_id:
             raise invalid_argument("call.session_id is required")
         session = self._sessions.get(session_id)
-        if session is None:
+        if session is None or session.owner != owner:
             raise not_found(f"session {session_id!r} does not exist (closed, or never created on this server)")
         return session
 
