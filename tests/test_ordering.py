@@ -102,9 +102,11 @@ async def raw_forward_backward(
     return result
 
 
-def raw_optim_step(stub: pb_grpc.TrainerServiceStub, tc: AsyncTrainingClient, seq: int) -> Any:
+def raw_optim_step(
+    stub: pb_grpc.TrainerServiceStub, tc: AsyncTrainingClient, seq: int, adam: AdamParams = ADAM
+) -> Any:
     """Start an OptimStep call (a grpc.aio call object: awaitable, with .done())."""
-    return stub.OptimStep(pb.OptimStepRequest(call=header(tc, seq), adam_params=ADAM.to_proto()), timeout=30)
+    return stub.OptimStep(pb.OptimStepRequest(call=header(tc, seq), adam_params=adam.to_proto()), timeout=30)
 
 
 async def expect_status(awaitable: Any, code: grpc.StatusCode, contains: str = "") -> str:
@@ -248,16 +250,22 @@ async def test_out_of_order_arrival_runs_in_sequence(
 async def test_reused_and_zero_sequence_numbers_are_refused(
     server: TrainerServer, service: AsyncServiceClient, stub: pb_grpc.TrainerServiceStub
 ) -> None:
-    """A number already used gets ALREADY_EXISTS, 0 gets INVALID_ARGUMENT; neither changes state."""
-    (data,) = make_batches(await vocab_size(service), 1, seed=3)
+    """A number reused by a different request gets ALREADY_EXISTS, 0 gets INVALID_ARGUMENT.
+
+    The same request again (a retry) gets the stored result. None of them changes state.
+    """
+    data, other = make_batches(await vocab_size(service), 2, seed=3)
     tc = await new_session(service)
     session = server_session(server, tc)
-    await raw_forward_backward(stub, tc, 1, data)  # seq 1: gradients accumulate
+    first = await raw_forward_backward(stub, tc, 1, data)  # seq 1: gradients accumulate
     after_one = state_hash(session)
 
-    # Reused after it finished, by either kind of call.
+    # Reused after it finished, by a different request of either kind.
     await expect_status(raw_optim_step(stub, tc, 1), grpc.StatusCode.ALREADY_EXISTS, "sequence number 1")
-    await expect_status(raw_forward_backward(stub, tc, 1, data), grpc.StatusCode.ALREADY_EXISTS, "already used")
+    await expect_status(raw_forward_backward(stub, tc, 1, other), grpc.StatusCode.ALREADY_EXISTS, "already used")
+    # The same request again is a retry: the stored result, nothing applied twice.
+    assert await raw_forward_backward(stub, tc, 1, data) == first
+    assert state_hash(session) == after_one
     # Zero.
     await expect_status(raw_optim_step(stub, tc, 0), grpc.StatusCode.INVALID_ARGUMENT, "seq")
     await expect_status(raw_forward_backward(stub, tc, 0, data), grpc.StatusCode.INVALID_ARGUMENT, "seq")
@@ -268,7 +276,8 @@ async def test_reused_and_zero_sequence_numbers_are_refused(
     await wait_until(lambda: 3 in session._seen)
     await asyncio.sleep(NOT_YET_S)
     assert not waiting.done()
-    await expect_status(raw_optim_step(stub, tc, 3), grpc.StatusCode.ALREADY_EXISTS, "sequence number 3")
+    other_adam = AdamParams(learning_rate=ADAM.learning_rate * 2)
+    await expect_status(raw_optim_step(stub, tc, 3, other_adam), grpc.StatusCode.ALREADY_EXISTS, "sequence number 3")
     assert not waiting.done()
     assert state_hash(session) == after_one
 

@@ -653,6 +653,8 @@ class AsyncServiceClient:
     async def _download_file(self, name: str, entry: CheckpointFile | None, out: Path, bar: Any) -> None:
         file_name = entry.path if entry is not None else "manifest.json"
         dest = out / file_name
+        if not dest.resolve().is_relative_to(out.resolve()):
+            raise ProtocolError(f"DownloadCheckpoint: the server listed a file outside {out}: {file_name!r}")
         if (
             entry is not None
             and dest.is_file()
@@ -663,6 +665,8 @@ class AsyncServiceClient:
             return
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + ".part")
+        if part.exists() and (entry is None or part.stat().st_size > entry.size):
+            part.unlink()  # the manifest has no sha256 to check a resumed copy; an oversized part can never resume
         offset = part.stat().st_size if part.exists() else 0
         if entry is not None:
             bar.update(offset)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import weakref
 from collections.abc import Awaitable, Callable
@@ -121,6 +122,11 @@ def checkpoint_info(manifest: Manifest) -> pb.CheckpointInfo:
     )
 
 
+def _fingerprint(method: str, request: Message) -> bytes:
+    """What tells a retry (same bytes) from another call that reuses a sequence number."""
+    return hashlib.sha256(method.encode() + request.SerializeToString(deterministic=True)).digest()
+
+
 def _logprobs_dtype(value: int) -> torch.dtype:
     try:
         return _LOGPROB_DTYPES[value]
@@ -143,55 +149,85 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     # ---- stream helpers -------------------------------------------------------------
 
     @staticmethod
-    async def _read(context: grpc.aio.ServicerContext[Any, Any], expecting: str) -> Any:
+    async def _read(context: grpc.aio.ServicerContext[Any, Any], expecting: str, hasher: Any = None) -> Any:
         msg = await context.read()
         if msg is grpc.aio.EOF:
             raise invalid_argument(f"the request stream ended while waiting for {expecting}")
+        if hasher is not None:
+            hasher.update(msg.SerializeToString(deterministic=True))
         return msg
 
-    async def _read_start(self, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        msg = await self._read(context, "the start message")
+    async def _read_request(
+        self, context: grpc.aio.ServicerContext[Any, Any], method: str
+    ) -> tuple[Any, list[pb.Datum], Any, ServiceError | None]:
+        """Read the start message and every datum message of a call, hashing what was read.
+
+        Everything the client sends before it waits for a reply is read before anything is
+        judged, so a refusal never races the client's writes; the hash is the request's
+        fingerprint, which tells a retry from a different call with the same number.
+
+        Returns:
+            The start message, the datums, the running sha256 of the request, and the
+            problem with the datum stream, if any: the caller raises it once it holds the
+            call's sequence number, so a refused call still uses up its number.
+
+        Raises:
+            ServiceError: INVALID_ARGUMENT when there is no start message (and so no number).
+        """
+        hasher = hashlib.sha256(method.encode())
+        msg = await self._read(context, "the start message", hasher)
         if msg.WhichOneof("message") != "start":
             raise invalid_argument(f"the first message must be 'start', got {msg.WhichOneof('message')!r}")
-        return msg.start
-
-    async def _read_batch(
-        self, context: grpc.aio.ServicerContext[Any, Any], session: Session, num_datums: int
-    ) -> Batch:
-        if num_datums == 0:
-            raise invalid_argument("the batch has no datums (start.num_datums is 0); send at least one")
+        start = msg.start
+        num_datums = start.num_datums
         limits = self.runtime.config.limits
+        datums: list[pb.Datum] = []
+        if num_datums == 0:
+            problem = invalid_argument("the batch has no datums (start.num_datums is 0); send at least one")
+            return start, datums, hasher, problem
         if num_datums > limits.max_datums_per_call:
-            raise resource_exhausted(
+            problem = resource_exhausted(
                 f"{num_datums} datums in one call is over the limit max_datums_per_call={limits.max_datums_per_call}"
             )
-        datums: list[pb.Datum] = []
-        while len(datums) < num_datums:
-            msg = await self._read(context, f"datums ({len(datums)} of {num_datums} received)")
-            if msg.WhichOneof("message") != "datums":
-                raise invalid_argument(
-                    f"expected 'datums' ({len(datums)} of {num_datums} received), got {msg.WhichOneof('message')!r}"
-                )
-            datums.extend(msg.datums.datums)
-        if len(datums) != num_datums:
-            raise invalid_argument(f"got {len(datums)} datums, but start.num_datums is {num_datums}")
-        return await asyncio.to_thread(parse_datums, datums, session.base, limits)  # O(tokens): off the loop
+            return start, datums, hasher, problem
+        try:
+            while len(datums) < num_datums:
+                msg = await self._read(context, f"datums ({len(datums)} of {num_datums} received)", hasher)
+                if msg.WhichOneof("message") != "datums":
+                    raise invalid_argument(
+                        f"expected 'datums' ({len(datums)} of {num_datums} received), got {msg.WhichOneof('message')!r}"
+                    )
+                datums.extend(msg.datums.datums)
+            if len(datums) != num_datums:
+                raise invalid_argument(f"got {len(datums)} datums, but start.num_datums is {num_datums}")
+        except ServiceError as exc:
+            return start, datums, hasher, exc
+        return start, datums, hasher, None
 
-    async def _write_logprobs(
-        self,
-        context: grpc.aio.ServicerContext[Any, Any],
-        response: Callable[..., Any],
-        logprobs: torch.Tensor,
-        lengths: list[int],
-        dtype: torch.dtype,
-    ) -> None:
+    async def _parse(self, datums: list[pb.Datum], session: Session) -> Batch:
+        """Validate datums off the event loop (the work is proportional to the tokens)."""
+        return await asyncio.to_thread(parse_datums, datums, session.base, self.runtime.config.limits)
+
+    @staticmethod
+    async def _write_all(context: grpc.aio.ServicerContext[Any, Any], responses: list[Any]) -> None:
+        for response in responses:
+            await context.write(response)
+
+    def _logprobs_messages(
+        self, response: Callable[..., Any], logprobs: torch.Tensor, lengths: list[int], dtype: torch.dtype
+    ) -> list[Any]:
+        """The header and chunk messages that stream ``logprobs`` back."""
         flat = logprobs.detach().to(device="cpu", dtype=dtype)
-        await context.write(response(logprobs_header=wire.stream_header(flat, lengths)))
-        for chunk in wire.chunk_tensor(flat, self.runtime.config.limits.chunk_bytes):
-            await context.write(response(logprobs_chunk=chunk))
+        messages = [response(logprobs_header=wire.stream_header(flat, lengths))]
+        messages += [
+            response(logprobs_chunk=chunk) for chunk in wire.chunk_tensor(flat, self.runtime.config.limits.chunk_bytes)
+        ]
+        return messages
 
-    async def _read_gradient(self, context: grpc.aio.ServicerContext[Any, Any], lengths: list[int]) -> torch.Tensor:
-        msg = await self._read(context, "the gradient header")
+    async def _read_gradient(
+        self, context: grpc.aio.ServicerContext[Any, Any], lengths: list[int], hasher: Any
+    ) -> torch.Tensor:
+        msg = await self._read(context, "the gradient header", hasher)
         if msg.WhichOneof("message") != "grad_header":
             raise invalid_argument(f"expected 'grad_header' after the logprobs, got {msg.WhichOneof('message')!r}")
         header = msg.grad_header
@@ -203,7 +239,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         assembler = wire.ChunkAssembler(header, "gradient", max_bytes=self.runtime.config.limits.max_message_bytes * 64)
         while not assembler.done:
             msg = await self._read(
-                context, f"gradient bytes ({assembler.received} of {assembler.total_bytes} received)"
+                context, f"gradient bytes ({assembler.received} of {assembler.total_bytes} received)", hasher
             )
             if msg.WhichOneof("message") != "grad_chunk":
                 raise invalid_argument(f"expected 'grad_chunk', got {msg.WhichOneof('message')!r}")
@@ -262,68 +298,99 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     @translate_errors
     async def Forward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Logprobs of the targets on the session's current weights; nothing is kept."""
-        start = await self._read_start(context)
+        start, datums, hasher, problem = await self._read_request(context, "Forward")
         session = self.runtime.session(start.call.session_id, self._owner(context))
-        async with session.call(start.call.seq) as call:
-            dtype = _logprobs_dtype(start.logprobs_dtype)
-            batch = await self._read_batch(context, session, start.num_datums)
-            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-            logprobs = await self.runtime.on_device(session.state.logprobs, batch, grad=False)
-        await self._write_logprobs(context, pb.ForwardResponse, logprobs, batch.lengths, dtype)
-        await context.write(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
+        async with session.call(start.call.seq, hasher.digest()) as call:
+            if problem is not None:
+                raise problem
+            if call.replay is None:
+                dtype = _logprobs_dtype(start.logprobs_dtype)
+                batch = await self._parse(datums, session)
+                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+                logprobs = await self.runtime.on_device(session.state.logprobs, batch, grad=False)
+                responses = self._logprobs_messages(pb.ForwardResponse, logprobs, batch.lengths, dtype)
+                responses.append(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
+                session.record(call.seq, hasher.digest(), responses)
+        await self._write_all(context, responses if call.replay is None else call.replay.responses)
 
     @translate_errors
     async def ForwardBackward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """A built-in loss: forward, loss, backward; gradients accumulate."""
-        start = await self._read_start(context)
+        start, datums, hasher, problem = await self._read_request(context, "ForwardBackward")
         session = self.runtime.session(start.call.session_id, self._owner(context))
-        async with session.call(start.call.seq) as call:
-            dtype = _logprobs_dtype(start.logprobs_dtype)
-            loss_fn = LOSSES.get(start.loss_fn)
-            if loss_fn is None:
-                raise invalid_argument(f"unknown loss_fn {start.loss_fn!r}; built-in losses: {sorted(LOSSES)}")
-            batch = await self._read_batch(context, session, start.num_datums)
-            config = dict(start.loss_fn_config)
-            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+        async with session.call(start.call.seq, hasher.digest()) as call:
+            if problem is not None:
+                raise problem
+            if call.replay is None:
+                dtype = _logprobs_dtype(start.logprobs_dtype)
+                loss_fn = LOSSES.get(start.loss_fn)
+                if loss_fn is None:
+                    raise invalid_argument(f"unknown loss_fn {start.loss_fn!r}; built-in losses: {sorted(LOSSES)}")
+                batch = await self._parse(datums, session)
+                config = dict(start.loss_fn_config)
+                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
 
-            def run() -> tuple[torch.Tensor, float, dict[str, float]]:
-                logprobs = session.state.logprobs(batch, grad=True)
-                loss, metrics = loss_fn(logprobs, batch, config)
-                if not bool(torch.isfinite(loss)):
-                    raise invalid_argument(f"{start.loss_fn} loss is {float(loss)}; nothing was applied")
-                session.state.backward(loss, torch.ones_like(loss))
-                return logprobs.detach(), float(loss.detach()), metrics
+                def run() -> tuple[torch.Tensor, float, dict[str, float]]:
+                    logprobs = session.state.logprobs(batch, grad=True)
+                    loss, metrics = loss_fn(logprobs, batch, config)
+                    if not bool(torch.isfinite(loss)):
+                        raise invalid_argument(f"{start.loss_fn} loss is {float(loss)}; nothing was applied")
+                    session.state.backward(loss, torch.ones_like(loss))
+                    return logprobs.detach(), float(loss.detach()), metrics
 
-            logprobs, loss, metrics = await self.runtime.on_device(run)
-        if start.return_logprobs:
-            await self._write_logprobs(context, pb.ForwardBackwardResponse, logprobs, batch.lengths, dtype)
-        result = pb.ForwardBackwardResult(seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics)
-        await context.write(pb.ForwardBackwardResponse(result=result))
+                logprobs, loss, metrics = await self.runtime.on_device(run)
+                responses = []
+                if start.return_logprobs:
+                    responses = self._logprobs_messages(pb.ForwardBackwardResponse, logprobs, batch.lengths, dtype)
+                result = pb.ForwardBackwardResult(seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics)
+                responses.append(pb.ForwardBackwardResponse(result=result))
+                session.record(call.seq, hasher.digest(), responses)
+        await self._write_all(context, responses if call.replay is None else call.replay.responses)
 
     @translate_errors
     async def ForwardBackwardCustom(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Logprobs out, d_loss/d_logprobs in, backward from the graph held in between.
 
         A stream that breaks before the whole gradient arrived applies nothing: the graph
-        is released and the session's gradients are untouched.
+        is released and the session's gradients are untouched. A retry of a finished call
+        gets the stored logprobs, must send the same gradient, and gets the stored result.
         """
-        start = await self._read_start(context)
+        start, datums, hasher, problem = await self._read_request(context, "ForwardBackwardCustom")
         session = self.runtime.session(start.call.session_id, self._owner(context))
-        async with session.call(start.call.seq) as call:
+        async with session.call(start.call.seq, hasher.digest()) as call:
+            if problem is not None:
+                raise problem
+            if call.replay is not None:
+                *logprob_messages, result_message = call.replay.responses
+                await self._write_all(context, logprob_messages)
+                lengths = list(logprob_messages[0].logprobs_header.lengths)
+                await self._read_gradient(context, lengths, hasher)
+                if hasher.digest() != call.replay.final_fingerprint:
+                    raise ServiceError(
+                        grpc.StatusCode.ALREADY_EXISTS,
+                        f"session {session.id}: call {call.seq} was already applied with a different gradient",
+                    )
+                await context.write(result_message)
+                return
             dtype = _logprobs_dtype(start.logprobs_dtype)
-            batch = await self._read_batch(context, session, start.num_datums)
+            batch = await self._parse(datums, session)
+            request_fingerprint = hasher.digest()
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
             logprobs: torch.Tensor | None = await self.runtime.on_device(session.state.logprobs, batch, grad=True)
             assert logprobs is not None
             self.held_graphs.add(logprobs)
             try:
-                await self._write_logprobs(context, pb.ForwardBackwardCustomResponse, logprobs, batch.lengths, dtype)
-                grad = await self._read_gradient(context, batch.lengths)
+                responses = self._logprobs_messages(pb.ForwardBackwardCustomResponse, logprobs, batch.lengths, dtype)
+                await self._write_all(context, responses)
+                grad = await self._read_gradient(context, batch.lengths, hasher)
                 await self.runtime.on_device(session.state.backward, logprobs, grad)
             finally:
                 logprobs = None  # drop the graph now, even while an exception holds this frame
-        result = pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
-        await context.write(pb.ForwardBackwardCustomResponse(result=result))
+            result = pb.ForwardBackwardCustomResponse(
+                result=pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
+            )
+            session.record(call.seq, request_fingerprint, [*responses, result], final_fingerprint=hasher.digest())
+        await context.write(result)
 
     @translate_errors
     async def OptimStep(
@@ -331,11 +398,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> pb.OptimStepResponse:
         """AdamW on the accumulated gradients; always reports the gradient norm."""
         session = self.runtime.session(request.call.session_id, self._owner(context))
-        async with session.call(request.call.seq) as call:
+        fingerprint = _fingerprint("OptimStep", request)
+        async with session.call(request.call.seq, fingerprint) as call:
+            if call.replay is not None:
+                return call.replay.responses[0]  # type: ignore[no-any-return]
             settings = AdamSettings(request.adam_params)
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
             step, norm = await self.runtime.on_device(session.state.optim_step, settings)
-        return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+            response = pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+            session.record(call.seq, fingerprint, [response])
+        return response
 
     @translate_errors
     async def SaveCheckpoint(
@@ -343,9 +415,14 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> pb.SaveCheckpointResponse:
         """Write a checkpoint after the session's earlier calls (a barrier)."""
         session = self.runtime.session(request.call.session_id, self._owner(context))
-        async with session.call(request.call.seq) as call:
+        fingerprint = _fingerprint("SaveCheckpoint", request)
+        async with session.call(request.call.seq, fingerprint) as call:
+            if call.replay is not None:
+                return call.replay.responses[0]  # type: ignore[no-any-return]
             manifest = await self.runtime.save_checkpoint(session, call, request)
-        return pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
+            response = pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
+            session.record(call.seq, fingerprint, [response])
+        return response
 
     @translate_errors
     async def ListCheckpoints(
@@ -373,6 +450,8 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         if request.file != MANIFEST:
             manifest.file(request.file)  # NOT_FOUND for a file the manifest does not list
         path = store.path(request.name) / request.file
+        if not path.is_file():
+            raise ServiceError(grpc.StatusCode.DATA_LOSS, f"checkpoint {request.name!r}: {request.file} is missing")
         size = path.stat().st_size
         if not 0 <= request.offset <= size:
             raise ServiceError(

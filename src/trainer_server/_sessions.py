@@ -18,8 +18,11 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -27,7 +30,10 @@ from trainer_server._engine import SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found, resource_exhausted
 from trainer_server._models import BaseModel
 
-__all__ = ["SequencedCall", "Session", "SessionRegistry"]
+__all__ = ["MAX_STORED_OUTCOMES", "Outcome", "SequencedCall", "Session", "SessionRegistry"]
+
+MAX_STORED_OUTCOMES = 32
+"""Finished calls per session whose responses are kept to answer retries."""
 
 log = logging.getLogger("trainer_server.sessions")
 
@@ -49,6 +55,8 @@ class Session:
         self._seen: set[int] = set()  # numbers that arrived and are not yet past
         self._done_early: set[int] = set()  # refused/cancelled before their turn
         self._changed = asyncio.Condition()
+        self._outcomes: OrderedDict[int, Outcome] = OrderedDict()
+        self._claimed_fingerprints: dict[int, bytes] = {}  # of the calls in _seen
 
     def _advance(self) -> None:
         while self.next_seq in self._done_early:
@@ -59,6 +67,7 @@ class Session:
     async def _finish(self, seq: int, *, had_turn: bool) -> None:
         async with self._changed:
             self._seen.discard(seq)
+            self._claimed_fingerprints.pop(seq, None)
             if had_turn:
                 self.next_seq = max(self.next_seq, seq + 1)  # never move back over numbers already used
             elif seq >= self.next_seq:
@@ -66,24 +75,63 @@ class Session:
             self._advance()
             self._changed.notify_all()
 
+    def record(self, seq: int, fingerprint: bytes, responses: list[Any], *, final_fingerprint: bytes = b"") -> None:
+        """Keep a finished call's responses, so a retry of it is answered without re-running."""
+        self._outcomes[seq] = Outcome(fingerprint, responses, final_fingerprint=final_fingerprint)
+        while len(self._outcomes) > MAX_STORED_OUTCOMES:
+            self._outcomes.popitem(last=False)
+
+    async def _retry_of(self, seq: int, fingerprint: bytes) -> Outcome | None:
+        """The stored outcome when ``seq`` is a retry of a finished call, None for a new number.
+
+        A retry that arrives while the original is still running waits for it.
+
+        Raises:
+            ServiceError: ALREADY_EXISTS when the number was used by a different request,
+                or by a call whose outcome is not kept (it failed, was cancelled, or is
+                too old).
+        """
+        if seq in self._seen:
+            if self._claimed_fingerprints.get(seq) != fingerprint:
+                raise ServiceError(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"session {self.id}: sequence number {seq} is in use by a different request "
+                    f"(next expected: {self.next_seq})",
+                )
+            async with self._changed:
+                await self._changed.wait_for(lambda: seq not in self._seen)
+        if not (seq < self.next_seq or seq in self._done_early):
+            return None
+        outcome = self._outcomes.get(seq)
+        if outcome is not None and outcome.fingerprint == fingerprint:
+            return outcome
+        why = "by a different request" if outcome is not None else "and its outcome is not kept (failed or cancelled)"
+        raise ServiceError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"session {self.id}: sequence number {seq} was already used {why} (next expected: {self.next_seq})",
+        )
+
     @asynccontextmanager
-    async def call(self, seq: int) -> AsyncIterator[SequencedCall]:
+    async def call(self, seq: int, fingerprint: bytes = b"") -> AsyncIterator[SequencedCall]:
         """Hold sequence number ``seq`` for the body; let ``seq + 1`` go afterwards.
 
         Validate the request inside the body before :meth:`SequencedCall.wait_turn`, so
         bad input is refused at once; whichever way the body ends, the number is used up.
+        When ``seq`` is a retry of a finished call with the same ``fingerprint``, the
+        yielded call carries that call's stored :attr:`SequencedCall.replay` instead, and
+        the body must answer with it (nothing is run twice).
 
         Raises:
-            ServiceError: INVALID_ARGUMENT for 0, ALREADY_EXISTS for a number already used,
-                NOT_FOUND when the session is closed.
+            ServiceError: INVALID_ARGUMENT for 0, ALREADY_EXISTS for a number already used
+                by another request, NOT_FOUND when the session is closed.
         """
         if seq == 0:
             raise invalid_argument("call.seq is required and starts at 1")
-        if seq < self.next_seq or seq in self._seen or seq in self._done_early:
-            raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"session {self.id}: sequence number {seq} was already used (next expected: {self.next_seq})",
-            )
+        replay = await self._retry_of(seq, fingerprint)
+        if replay is not None:
+            log.info("session %s: call %d is a retry; answering with its stored outcome", self.id, seq)
+            yield SequencedCall(self, seq, replay=replay)
+            return
         if self.closed:
             raise not_found(f"session {self.id} is closed")
         if len(self._seen) >= self.max_inflight:
@@ -92,6 +140,7 @@ class Session:
                 f"max_inflight_per_session={self.max_inflight}; await some before submitting more"
             )
         self._seen.add(seq)
+        self._claimed_fingerprints[seq] = fingerprint
         sequenced = SequencedCall(self, seq)
         try:
             yield sequenced
@@ -99,13 +148,24 @@ class Session:
             await asyncio.shield(self._finish(seq, had_turn=sequenced.had_turn))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """A finished call's request fingerprint and responses, kept to answer retries."""
+
+    fingerprint: bytes
+    responses: list[Any]
+    final_fingerprint: bytes = b""
+    """For ForwardBackwardCustom: the fingerprint including the gradient."""
+
+
 class SequencedCall:
     """A call holding its sequence number; see :meth:`Session.call`."""
 
-    def __init__(self, session: Session, seq: int) -> None:
+    def __init__(self, session: Session, seq: int, replay: Outcome | None = None) -> None:
         self.session = session
         self.seq = seq
         self.had_turn = False
+        self.replay = replay
 
     async def wait_turn(self, gap_timeout_s: float) -> None:
         """Wait until every earlier call of the session has finished.
