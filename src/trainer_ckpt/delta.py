@@ -151,7 +151,6 @@ _HASH_PREFIX: Final = b"trainer-ckpt-weights-v1\n"
 _U64: Final = struct.Struct("<Q")
 _MIN_LEVEL: Final = 1
 _MAX_LEVEL: Final = 22
-_READ_CHUNK: Final = 1 << 24
 
 # safetensors dtype code -> (torch dtype, bytes per element).
 _DTYPES: Final[dict[str, tuple[torch.dtype, int]]] = {
@@ -396,14 +395,6 @@ def weights_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
     return hasher.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class _FileTensor:
     dtype: str
@@ -428,6 +419,8 @@ class _SafetensorsFile:
                 self._buf = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
         except FileNotFoundError:
             raise DeltaError(f"weights file {path} does not exist") from None
+        except IsADirectoryError:
+            raise DeltaError(f"weights file {path} is a directory") from None
         (header_len,) = _U64.unpack(self._buf[:8].tobytes())
         if header_len > size - 8:
             raise DeltaError(f"{path} is not a safetensors file: header length {header_len} exceeds the file")
@@ -507,10 +500,13 @@ def _compress(level: int, data: _Bytes) -> bytes:
     return cctx.compress(data.data)
 
 
-def _sparse_payload(xor: _Words) -> _Bytes:
-    """Return ``planes(gaps) || planes(values)`` of the nonzero words of ``xor``."""
+def _sparse_payload(xor: _Words, changed: int) -> _Bytes:
+    """Return ``planes(gaps) || planes(values)`` of the ``changed`` nonzero words of ``xor``."""
+    gap_word = _WORD[_gap_width(xor.size)]
+    if changed == xor.size:  # every word changed: all gaps are 0 and the values are the XOR itself
+        return np.concatenate([np.zeros(changed * np.dtype(gap_word).itemsize, np.uint8), _to_planes(xor)])
     nonzero = np.flatnonzero(xor)
-    gaps = (np.diff(nonzero, prepend=-1) - 1).astype(_WORD[_gap_width(xor.size)])
+    gaps = (np.diff(nonzero, prepend=-1) - 1).astype(gap_word)
     return np.concatenate([_to_planes(gaps), _to_planes(xor[nonzero])])
 
 
@@ -528,7 +524,7 @@ def _encode_tensor(
     makers: list[tuple[Encoding, Callable[[], bytes]]] = [("xor", lambda: _compress(level, xor.view(np.uint8)))]
     if itemsize > 1:
         makers.append(("planes", lambda: _compress(level, _to_planes(xor))))
-    makers.append(("sparse", lambda: _compress(level, _sparse_payload(xor))))
+    makers.append(("sparse", lambda: _compress(level, _sparse_payload(xor, changed))))
     if pool is None or xor.nbytes < _PARALLEL_MIN_BYTES:
         candidates = [(encoding, make()) for encoding, make in makers]
     else:

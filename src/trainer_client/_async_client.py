@@ -588,6 +588,8 @@ class AsyncServiceClient:
                     prompt_logprobs = wire.tensor_from_wire(msg.prompt_logprobs, "prompt_logprobs")
                 else:
                     s = msg.sequence
+                    if s.index != len(sequences):
+                        raise ProtocolError(f"Sample: sequence {s.index} arrived where {len(sequences)} was expected")
                     sequences.append(
                         SampledSequence(
                             tokens=wire.tensor_from_wire(s.tokens, "tokens").tolist(),
@@ -597,6 +599,8 @@ class AsyncServiceClient:
                     )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc_error(exc, "Sample") from exc
+        if len(sequences) != request.num_samples:
+            raise ProtocolError(f"Sample: got {len(sequences)} sequences, asked for {request.num_samples}")
         return SampleOutput(sequences=sequences, prompt_logprobs=prompt_logprobs)
 
     async def sample_from_checkpoint(

@@ -18,6 +18,7 @@ commits atomically.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,8 @@ def write_delta(state: SessionModel, out: Path, base_dir: Path) -> dict[str, Any
     if missing:
         raise invalid_argument(f"the base checkpoint has tensors this session lacks: {missing[:5]}")
     stats = delta.write_delta(base_dir / WEIGHTS_FILE, {n: tensors[n] for n in names}, out)
-    return {"ratio": stats.ratio, "raw_bytes": stats.raw_bytes, "compressed_bytes": stats.compressed_bytes}
+    ratio = stats.ratio if math.isfinite(stats.ratio) else None  # inf (nothing changed) is not valid JSON
+    return {"ratio": ratio, "raw_bytes": stats.raw_bytes, "compressed_bytes": stats.compressed_bytes}
 
 
 def write_adapter(state: SessionModel, out: Path) -> None:

@@ -294,6 +294,8 @@ class Runtime:
         key = (f"{owner}/{manifest.name}", manifest.created_at)
         if key in self._checkpoint_models:
             return self._checkpoint_models[key]
+        if manifest.kind not in ("base", "state"):
+            raise invalid_argument(f"sampling needs a BASE or STATE checkpoint; {name!r} is {manifest.kind.upper()}")
         base = self.model(manifest.base_model)
         directory = store.path(manifest.name)
         await asyncio.to_thread(store.verify, manifest.name)
@@ -309,8 +311,6 @@ class Runtime:
                 return state.model
 
             model = await self.on_device(build)
-        else:
-            raise invalid_argument(f"sampling needs a BASE or STATE checkpoint; {name!r} is {manifest.kind.upper()}")
         self._checkpoint_models[key] = (model, base)
         while len(self._checkpoint_models) > 2:
             self._checkpoint_models.pop(next(iter(self._checkpoint_models)))

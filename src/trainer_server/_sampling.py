@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from trainer_proto import pb
-from trainer_server._errors import invalid_argument
+from trainer_server._errors import invalid_argument, resource_exhausted
 
 __all__ = ["Sample", "SamplingSettings", "generate"]
 
@@ -44,8 +44,10 @@ class SamplingSettings:
         Raises:
             ServiceError: INVALID_ARGUMENT naming the parameter and its valid range.
         """
-        if not 1 <= num_samples <= max_samples:
-            raise invalid_argument(f"num_samples must be in [1, {max_samples}], got {num_samples}")
+        if num_samples < 1:
+            raise invalid_argument(f"num_samples must be at least 1, got {num_samples}")
+        if num_samples > max_samples:
+            raise resource_exhausted(f"num_samples {num_samples} is over the limit max_samples_per_call={max_samples}")
         room = max_length - prompt_len
         if msg.max_tokens <= 0:
             raise invalid_argument(f"params.max_tokens must be at least 1, got {msg.max_tokens}")

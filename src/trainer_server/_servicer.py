@@ -28,6 +28,7 @@ from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._engine import AdamSettings
 from trainer_server._errors import ServiceError, invalid_argument, resource_exhausted
 from trainer_server._losses import LOSSES
+from trainer_server._losses import validate as validate_loss
 from trainer_server._models import BaseModel
 from trainer_server._runtime import Runtime
 from trainer_server._sampling import SamplingSettings, generate
@@ -328,6 +329,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     raise invalid_argument(f"unknown loss_fn {start.loss_fn!r}; built-in losses: {sorted(LOSSES)}")
                 batch = await self._parse(datums, session)
                 config = dict(start.loss_fn_config)
+                validate_loss(start.loss_fn, batch, config)  # refused before its turn, with no model work
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
 
                 def run() -> tuple[torch.Tensor, float, dict[str, float]]:
@@ -485,8 +487,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                     generate, session.state.model, prompt, settings, session.base.eos_token_ids, self.runtime.device
                 )
         elif source == "checkpoint":
-            model, base = await self.runtime.checkpoint_model(request.checkpoint, self._owner(context))
-            prompt, settings = self._sampling_request(request, base)
+            owner = self._owner(context)
+            manifest = self.runtime.checkpoint_store(owner).manifest(request.checkpoint)
+            # Bad parameters are refused before the checkpoint is verified and loaded.
+            prompt, settings = self._sampling_request(request, self.runtime.model(manifest.base_model))
+            model, base = await self.runtime.checkpoint_model(request.checkpoint, owner)
             samples, prompt_lp = await self.runtime.on_device(
                 generate, model, prompt, settings, base.eos_token_ids, self.runtime.device
             )
@@ -507,11 +512,17 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         """Decode and validate a Sample request's prompt and parameters."""
         if not request.HasField("prompt"):
             raise invalid_argument("prompt is required")
-        batch = parse_datums(
-            [pb.Datum(model_input=request.prompt, loss_fn_inputs={"target_tokens": request.prompt})],
-            base,
-            self.runtime.config.limits,
-        )
+        if list(request.prompt.shape) == [0]:
+            raise invalid_argument("prompt is empty; send at least one token")
+        try:
+            batch = parse_datums(
+                [pb.Datum(model_input=request.prompt, loss_fn_inputs={"target_tokens": request.prompt})],
+                base,
+                self.runtime.config.limits,
+            )
+        except ServiceError as exc:  # name the request's field, not the datum it was wrapped in
+            message = exc.message.replace("datum 0: loss_fn_inputs['target_tokens']", "prompt")
+            raise ServiceError(exc.code, message.replace("datum 0: model_input", "prompt")) from None
         prompt = batch.tokens[0]
         settings = SamplingSettings.from_proto(
             request.params,
