@@ -243,7 +243,17 @@ class AsyncTrainingClient:
         self._next_seq += 1
 
         async def call() -> T:
-            return await run(seq)
+            # Safe to repeat: the server answers a retried (session, seq, same request)
+            # with the stored outcome and never applies a call twice.
+            attempts = self._service.config.retry_attempts
+            for attempt in range(attempts):
+                try:
+                    return await run(seq)
+                except UnavailableError:
+                    if attempt == attempts - 1:
+                        raise
+                await asyncio.sleep(random.uniform(0, self._service.config.retry_backoff_s * 2**attempt))
+            raise AssertionError("unreachable")
 
         task = loop.create_task(call(), name=f"trainer {name} #{seq}")
         return APIFuture(
