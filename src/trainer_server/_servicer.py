@@ -32,13 +32,14 @@ from trainer_server._losses import validate as validate_loss
 from trainer_server._models import BaseModel
 from trainer_server._runtime import Runtime
 from trainer_server._sampling import SamplingSettings, generate
-from trainer_server._sessions import Session
+from trainer_server._sessions import SequencedCall, Session
 
 __all__ = ["TrainerServicer", "translate_errors"]
 
 log = logging.getLogger("trainer_server.servicer")
 
 _Servicer = TypeVar("_Servicer", bound="TrainerServicer")
+_Response = TypeVar("_Response", bound=Message)
 _Handler = Callable[[_Servicer, Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 _LOGPROB_DTYPES: dict[int, torch.dtype] = {
@@ -399,15 +400,30 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.OptimStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.OptimStepResponse:
         """AdamW on the accumulated gradients; always reports the gradient norm."""
-        session = self.runtime.session(request.call.session_id, self._owner(context))
-        fingerprint = _fingerprint("OptimStep", request)
-        async with session.call(request.call.seq, fingerprint) as call:
-            if call.replay is not None:
-                return call.replay.responses[0]  # type: ignore[no-any-return]
+
+        async def run(session: Session, call: SequencedCall) -> pb.OptimStepResponse:
             settings = AdamSettings(request.adam_params)
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
             step, norm = await self.runtime.on_device(session.state.optim_step, settings)
-            response = pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+            return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+
+        return await self._sequenced_unary("OptimStep", request, context, run)
+
+    async def _sequenced_unary(
+        self,
+        method: str,
+        request: Any,
+        context: grpc.aio.ServicerContext[Any, Any],
+        run: Callable[[Session, SequencedCall], Awaitable[_Response]],
+    ) -> _Response:
+        """Run a unary session call in sequence order; answer a retry with its stored response."""
+        session = self.runtime.session(request.call.session_id, self._owner(context))
+        fingerprint = _fingerprint(method, request)
+        async with session.call(request.call.seq, fingerprint) as call:
+            if call.replay is not None:
+                stored: _Response = call.replay.responses[0]
+                return stored
+            response = await run(session, call)
             session.record(call.seq, fingerprint, [response])
         return response
 
@@ -416,15 +432,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SaveCheckpointResponse:
         """Write a checkpoint after the session's earlier calls (a barrier)."""
-        session = self.runtime.session(request.call.session_id, self._owner(context))
-        fingerprint = _fingerprint("SaveCheckpoint", request)
-        async with session.call(request.call.seq, fingerprint) as call:
-            if call.replay is not None:
-                return call.replay.responses[0]  # type: ignore[no-any-return]
+
+        async def run(session: Session, call: SequencedCall) -> pb.SaveCheckpointResponse:
             manifest = await self.runtime.save_checkpoint(session, call, request)
-            response = pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
-            session.record(call.seq, fingerprint, [response])
-        return response
+            return pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
+
+        return await self._sequenced_unary("SaveCheckpoint", request, context, run)
 
     @translate_errors
     async def ListCheckpoints(
