@@ -56,6 +56,7 @@ CAPABILITIES = (
 MAX_LORA_RANK = 1024
 
 
+@functools.cache
 def server_version() -> str:
     """The installed package version."""
     try:
@@ -86,6 +87,7 @@ class Runtime:
             max_inflight=limits.max_inflight_per_session,
         )
         self.ready = False
+        self._server_info: pb.GetServerInfoResponse | None = None
         self._checkpoint_models: dict[tuple[str, float], tuple[Any, BaseModel]] = {}
         self.checkpoint_root = config.checkpoint_dir or trainer_home() / "checkpoints"
         self.checkpoints = CheckpointStore(self.checkpoint_root)
@@ -325,8 +327,10 @@ class Runtime:
 
     def server_info(self) -> pb.GetServerInfoResponse:
         """What GetServerInfo reports."""
+        if self._server_info is not None:
+            return self._server_info
         limits = self.config.limits
-        return pb.GetServerInfoResponse(
+        info = pb.GetServerInfoResponse(
             version=server_version(),
             models=[m.info() for m in self.models.values()],
             devices=[str(self.device)],
@@ -341,3 +345,6 @@ class Runtime:
             capabilities=list(CAPABILITIES),
             loss_functions=sorted(LOSSES),
         )
+        if self.ready:  # models and limits never change once loaded: build the reply once
+            self._server_info = info
+        return info

@@ -1,0 +1,1400 @@
+#!/usr/bin/env python
+"""Performance benchmarks of the training service, each against its anchor in the same run.
+
+Issue 6's seven measurements, printed as markdown tables. These machines are noisy, so every
+number that a goal judges is a ratio between two things measured side by side, interleaved rep
+by rep, and medians are reported:
+
+1. ``wire``: a float32 tensor round trip through the service's chunked-bytes stream format
+   (``trainer_proto.wire`` over a real grpc.aio bidi stream using the service's own messages)
+   vs raw asyncio TCP vs JSON float lists vs protobuf ``repeated float``.
+2. ``custom``: ``forward_backward_custom`` vs the built-in ``cross_entropy`` vs the public SDKs'
+   "recompute" design (forward, local loss, second forward+backward with the gradient as weights).
+3. ``overhead``: a full step through the service vs the same step in-process (``SessionModel``),
+   for a small and a ~100M-parameter model; and the tiny-call latency (GetServerInfo).
+4. ``pipeline``: steps submitted ahead vs each call awaited; server busy fraction.
+5. ``overlap``: a client loss as slow as the forward, window submitted at once vs awaited.
+6. ``lora``: server RSS with 1, 4, 16 LoRA sessions on one base model.
+7. ``memory``: peak server RSS of a custom-loss step vs a built-in step.
+
+Sections 6 and 7 run in fresh subprocesses in a full run (clean RSS and ``ru_maxrss``); with
+``--quick`` everything runs in this process. Run::
+
+    python scripts/bench.py                    # full run, 3-5 minutes on 2 shared CPU cores
+    python scripts/bench.py --quick            # smoke run (< 60 s); the test suite runs it
+    python scripts/bench.py --only wire,custom --threads 2
+
+Models are built locally (random weights, nothing downloaded) under
+``$TRAINER_HOME/bench-models`` (or ``--models-dir``) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import functools
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import grpc
+import numpy as np
+import psutil  # type: ignore[import-untyped]
+import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+from trainer_client import AdamParams, AsyncServiceClient, AsyncTrainingClient, Datum
+from trainer_proto import options, pb, wire
+
+SECTIONS = ("wire", "custom", "overhead", "pipeline", "overlap", "lora", "memory")
+MIB = 1 << 20
+LORA_RANK = 16
+ADAM = AdamParams(learning_rate=1e-4)
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+# ---- models ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A locally built Llama-style model (``build_tiny_model`` arguments)."""
+
+    name: str
+    hidden: int
+    layers: int
+    heads: int
+    max_positions: int = 512
+
+
+TINY = ModelSpec("bench-h64-l2", 64, 2, 4)  # the built-in tiny-llama's shape
+SMALL = ModelSpec("bench-h256-l4", 256, 4, 4)
+MEDIUM = ModelSpec("bench-h512-l8", 512, 8, 8)
+LARGE = ModelSpec("bench-h768-l12", 768, 12, 12, 256)  # ~102M parameters with the 512-token vocabulary
+
+
+def ensure_model(spec: ModelSpec, root: Path) -> Path:
+    """The model's directory under ``root``, built on first use (deterministic, atomic)."""
+    from trainer_server import build_tiny_model
+
+    path = root / spec.name
+    if not ((path / "config.json").is_file() and (path / "model.safetensors").is_file()):
+        started = time.perf_counter()
+        build_tiny_model(
+            path,
+            architecture="llama",
+            hidden_size=spec.hidden,
+            num_layers=spec.layers,
+            num_heads=spec.heads,
+            max_position_embeddings=spec.max_positions,
+            seed=0,
+        )
+        log(f"built {spec.name} in {time.perf_counter() - started:.1f} s at {path}")
+    return path
+
+
+def make_data(n: int, length: int, vocab: int, seed: int = 0, prompt: int = 16) -> list[Datum]:
+    """``n`` random datums of ``length`` targets; the first ``prompt - 1`` targets have weight 0."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        tokens = torch.randint(3, vocab, (length + 1,), generator=g)
+        out.append(Datum.from_tokens(tokens[:prompt], tokens[prompt:]))
+    return out
+
+
+def weighted_nll(data: list[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, Mapping[str, float]]:
+    """``-sum(weights * logprobs)``: the built-in ``cross_entropy``, written on the client."""
+    weights = torch.cat([d.weights for d in data])
+    return -(weights * torch.cat(logprobs)).sum(), {}
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+
+
+_T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    """Progress to stderr (stdout carries only the tables)."""
+    print(f"[bench +{time.perf_counter() - _T0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def med(xs: Sequence[float]) -> float:
+    """Median."""
+    return float(statistics.median(xs))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ms(seconds: float) -> str:
+    """Seconds as milliseconds."""
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.2f} s"
+
+
+def mb(nbytes: float) -> str:
+    """Bytes as MB (10^6)."""
+    return f"{nbytes / 1e6:.1f} MB"
+
+
+def malloc_trim() -> None:
+    """Collect garbage and hand freed heap memory back to the OS (glibc), so RSS means live data.
+
+    Call :func:`gc.freeze` once after start-up: a full collection then skips the millions of
+    long-lived objects torch and transformers create, which otherwise take a second per call.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def rss() -> int:
+    """Resident set size of this process in bytes, after :func:`malloc_trim`."""
+    malloc_trim()
+    return int(psutil.Process().memory_info().rss)
+
+
+class PeakRSS:
+    """Samples this process's RSS on a thread every ``interval_s``; ``peak`` is the highest seen."""
+
+    def __init__(self, interval_s: float = 0.002) -> None:
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._proc = psutil.Process()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakRSS:
+        self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+class DeviceMeter:
+    """Wraps ``runtime.on_device`` to add up the time model work runs on the device thread."""
+
+    def __init__(self, runtime: Any) -> None:
+        self.busy_s = 0.0
+        self._runtime = runtime
+        self._orig = runtime.on_device
+        runtime.on_device = self._timed
+
+    async def _timed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def run() -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.busy_s += time.perf_counter() - started
+
+        return await self._orig(run)
+
+    def remove(self) -> None:
+        """Restore the original ``on_device``."""
+        self._runtime.on_device = self._orig
+
+
+@dataclass
+class Goal:
+    """One row of the summary: a goal beside its measured value."""
+
+    section: str
+    goal: str
+    measured: str
+    met: bool | None  # None: reported, not judged
+
+
+@dataclass
+class Report:
+    """Everything printed: sections of markdown, and the goals for the summary.
+
+    Sections are kept and printed in their numeric order at the end (the memory sections run
+    first, in worker processes, before the timed ones); progress goes to stderr meanwhile.
+    """
+
+    goals: list[Goal] = field(default_factory=list)
+    sections: list[tuple[str, str]] = field(default_factory=list)
+
+    def section(self, title: str, *parts: str) -> None:
+        """Add a section (heading, tables and notes)."""
+        self.sections.append((title, "\n\n".join(parts)))
+        log(f"finished section {title.split(':', 1)[0]}")
+
+    def goal(self, section: str, goal: str, measured: str, met: bool | None) -> None:
+        """Record a goal for the summary table."""
+        self.goals.append(Goal(section, goal, measured, met))
+
+    def print(self) -> None:
+        """Print every section in order, then the summary table."""
+        for title, body in sorted(self.sections, key=lambda s: s[0]):
+            print(f"\n## {title}\n\n{body}")
+        rows = [
+            (g.section, g.goal, g.measured, "n/a" if g.met is None else ("yes" if g.met else "**no**"))
+            for g in sorted(self.goals, key=lambda g: g.section[0])
+        ]
+        print("\n## Summary: goals beside measurements\n")
+        print(table(["section", "goal", "measured", "met"], rows), flush=True)
+
+
+# ---- 1. wire ---------------------------------------------------------------------------------
+
+ECHO_SERVICE = "bench.Echo"
+ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+ECHO_FAST_METHOD = f"/{ECHO_SERVICE}/EchoFast"
+TCP_CHUNK = MIB
+_Req = pb.ForwardBackwardCustomRequest
+_Resp = pb.ForwardBackwardCustomResponse
+
+
+async def _grpc_echo(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """Echo a chunked tensor the way the service moves gradients in and logprobs out.
+
+    Reads ``grad_header`` + ``grad_chunk`` messages into a :class:`wire.ChunkAssembler`
+    (decoding into a tensor), then streams the tensor back as ``logprobs_header`` +
+    ``logprobs_chunk`` messages made by :func:`wire.chunk_tensor`, with ``context.read`` /
+    ``context.write`` exactly as the servicer does.
+    """
+    chunk_bytes = int(dict(context.invocation_metadata() or ()).get("x-chunk-bytes", wire.DEFAULT_CHUNK_BYTES))
+    header = (await context.read()).grad_header
+    assembler = wire.ChunkAssembler(header, "gradient", max_bytes=1 << 34)
+    while not assembler.done:
+        assembler.add((await context.read()).grad_chunk)
+    tensor = assembler.tensor()
+    await context.write(_Resp(logprobs_header=wire.stream_header(tensor, list(header.lengths))))
+    for chunk in wire.chunk_tensor(tensor, chunk_bytes):
+        await context.write(_Resp(logprobs_chunk=chunk))
+
+
+async def grpc_roundtrip(channel: grpc.aio.Channel, tensor: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """Client side of the gRPC echo: encode, send, receive, decode into a tensor."""
+    call: Any = channel.stream_stream(
+        ECHO_METHOD, request_serializer=_Req.SerializeToString, response_deserializer=_Resp.FromString
+    )(metadata=(("x-chunk-bytes", str(chunk_bytes)),))
+    lengths = [tensor.numel()]
+    await call.write(_Req(grad_header=wire.stream_header(tensor, lengths)))
+    for chunk in wire.chunk_tensor(tensor, chunk_bytes):
+        await call.write(_Req(grad_chunk=chunk))
+    await call.done_writing()
+    header = (await call.read()).logprobs_header
+    assembler = wire.ChunkAssembler(header, "logprobs", max_bytes=1 << 34, expected_lengths=lengths)
+    while not assembler.done:
+        assembler.add((await call.read()).logprobs_chunk)
+    if await call.read() is not grpc.aio.EOF or await call.code() != grpc.StatusCode.OK:
+        raise RuntimeError("echo stream did not end cleanly")
+    return assembler.tensor()
+
+
+# -- the proposed fast path: the same bytes on the wire, without protobuf objects per chunk --
+#
+# A chunk message (e.g. ForwardBackwardCustomRequest{grad_chunk: TensorChunk{offset, data}}) is
+# a length-delimited field holding two fields. Writing those few header bytes by hand and joining
+# them with a memoryview of the tensor costs one copy, where chunk_tensor + message construction +
+# SerializeToString costs three; parsing the header and taking a memoryview of the payload costs
+# none, where FromString + ``.data`` costs two. bench_wire checks the bytes equal protobuf's.
+
+
+class RawChunk(NamedTuple):
+    """A chunk parsed without protobuf: ``data`` is a view into the received message bytes."""
+
+    offset: int
+    data: memoryview
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+
+
+def encode_chunk_messages(tensor: torch.Tensor, field: int, chunk_bytes: int) -> Iterator[bytes]:
+    """Serialized messages whose oneof ``field`` is TensorChunk(offset, data), as protobuf writes them."""
+    view = tensor.detach().contiguous().view(torch.uint8).numpy().data.cast("B")
+    tag = bytes([field << 3 | 2])
+    for offset in range(0, len(view), chunk_bytes):
+        part = view[offset : offset + chunk_bytes]
+        inner = (b"\x08" + _varint(offset) if offset else b"") + b"\x12" + _varint(len(part))
+        yield b"".join((tag, _varint(len(inner) + len(part)), inner, part))
+
+
+def parse_chunk_message(raw: bytes, field: int) -> RawChunk | None:
+    """The chunk in a serialized message if its oneof is ``field`` (a TensorChunk), else None."""
+    if not raw or raw[0] != field << 3 | 2:
+        return None
+    size, i = _read_varint(raw, 1)
+    end, offset, data = i + size, 0, memoryview(b"")
+    while i < end:
+        tag = raw[i]
+        if tag == 0x08:
+            offset, i = _read_varint(raw, i + 1)
+        elif tag == 0x12:
+            n, i = _read_varint(raw, i + 1)
+            data, i = memoryview(raw)[i : i + n], i + n
+        else:
+            return None
+    return RawChunk(offset, data)
+
+
+async def _grpc_echo_fast(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    """:func:`_grpc_echo` with the fast path: raw bytes in and out, still checked by ChunkAssembler."""
+    chunk_bytes = int(dict(context.invocation_metadata() or ()).get("x-chunk-bytes", wire.DEFAULT_CHUNK_BYTES))
+    first: Any = await context.read()
+    header = _Req.FromString(first).grad_header
+    assembler = wire.ChunkAssembler(header, "gradient", max_bytes=1 << 34)
+    while not assembler.done:
+        raw: Any = await context.read()
+        chunk = parse_chunk_message(raw, 4)  # grad_chunk
+        assert chunk is not None
+        assembler.add(chunk)  # type: ignore[arg-type]  # duck-typed: offset + data
+    tensor = assembler.tensor()
+    await context.write(_Resp(logprobs_header=wire.stream_header(tensor, list(header.lengths))).SerializeToString())
+    for raw in encode_chunk_messages(tensor, 2, chunk_bytes):  # logprobs_chunk
+        await context.write(raw)
+
+
+async def grpc_roundtrip_fast(channel: grpc.aio.Channel, tensor: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
+    """Client side of the fast-path echo (identity (de)serializers; bytes built and parsed here)."""
+    call: Any = channel.stream_stream(ECHO_FAST_METHOD, request_serializer=_identity, response_deserializer=_identity)(
+        metadata=(("x-chunk-bytes", str(chunk_bytes)),)
+    )
+    lengths = [tensor.numel()]
+    await call.write(_Req(grad_header=wire.stream_header(tensor, lengths)).SerializeToString())
+    for raw in encode_chunk_messages(tensor, 4, chunk_bytes):
+        await call.write(raw)
+    await call.done_writing()
+    header = _Resp.FromString(await call.read()).logprobs_header
+    assembler = wire.ChunkAssembler(header, "logprobs", max_bytes=1 << 34, expected_lengths=lengths)
+    while not assembler.done:
+        chunk = parse_chunk_message(await call.read(), 2)
+        assert chunk is not None
+        assembler.add(chunk)  # type: ignore[arg-type]
+    if await call.read() is not grpc.aio.EOF or await call.code() != grpc.StatusCode.OK:
+        raise RuntimeError("echo stream did not end cleanly")
+    return assembler.tensor()
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+def check_fast_path_bytes() -> None:
+    """The fast path writes exactly the bytes protobuf writes, and parses them back."""
+    t = torch.randn(70_000)
+    cases: list[tuple[int, Any, str]] = [(4, _Req, "grad_chunk"), (2, _Resp, "logprobs_chunk")]
+    for number, cls, name in cases:
+        expected = [cls(**{name: c}).SerializeToString() for c in wire.chunk_tensor(t, 100_000)]
+        got = list(encode_chunk_messages(t, number, 100_000))
+        if expected != got:
+            raise AssertionError(f"fast-path bytes differ from protobuf's for {name}")
+        for raw in got:
+            chunk = parse_chunk_message(raw, number)
+            msg = getattr(cls.FromString(raw), name)
+            if chunk is None or chunk.offset != msg.offset or bytes(chunk.data) != msg.data:
+                raise AssertionError(f"fast-path parse disagrees with protobuf for {name}")
+
+
+async def _tcp_recv(reader: asyncio.StreamReader) -> torch.Tensor:
+    n = int.from_bytes(await reader.readexactly(8), "little")
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        data = await reader.read(min(TCP_CHUNK, n - pos))
+        if not data:
+            raise ConnectionError("TCP echo: connection closed mid-tensor")
+        view[pos : pos + len(data)] = data
+        pos += len(data)
+    return torch.frombuffer(buf, dtype=torch.float32)
+
+
+async def _tcp_send(writer: asyncio.StreamWriter, tensor: torch.Tensor) -> None:
+    view = tensor.numpy().data.cast("B")
+    writer.write(len(view).to_bytes(8, "little"))
+    for offset in range(0, len(view), TCP_CHUNK):
+        writer.write(view[offset : offset + TCP_CHUNK])
+        await writer.drain()
+
+
+async def _tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+        while True:
+            await _tcp_send(writer, await _tcp_recv(reader))
+    writer.close()
+
+
+def _float_list_class() -> Any:
+    """A protobuf message class ``FloatList { repeated float values = 1; }`` built at runtime."""
+    fdp = descriptor_pb2.FileDescriptorProto(name="bench_floats.proto", package="bench", syntax="proto3")
+    msg = fdp.message_type.add(name="FloatList")
+    msg.field.add(
+        name="values",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_FLOAT,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+    )
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("bench.FloatList"))
+
+
+def json_roundtrip(tensor: torch.Tensor) -> torch.Tensor:
+    """JSON float list: encode to bytes and decode back into a tensor (no transfer)."""
+    body = json.dumps(tensor.tolist()).encode()
+    return torch.tensor(json.loads(body), dtype=torch.float32)
+
+
+def pb_repeated_roundtrip(cls: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """Protobuf ``repeated float``: fill, serialize, parse, decode (fastest paths found; no transfer)."""
+    msg = cls()
+    msg.values.extend(tensor.tolist())
+    parsed = cls.FromString(msg.SerializeToString())
+    return torch.from_numpy(np.array(parsed.values, dtype=np.float32))
+
+
+async def bench_wire(args: argparse.Namespace, report: Report) -> None:
+    sizes = [1, 4] if args.quick else [1, 16, 64]
+    slow_sizes = {1} if args.quick else {1, 16}  # JSON / repeated float: slow, so measured at these
+    reps = 2 if args.quick else 5
+    server = grpc.aio.server(options=options.grpc_options(max_message_bytes=64 * MIB, server=True))
+    handler = grpc.stream_stream_rpc_method_handler(
+        _grpc_echo, request_deserializer=_Req.FromString, response_serializer=_Resp.SerializeToString
+    )
+    fast: Any = grpc.stream_stream_rpc_method_handler(_grpc_echo_fast)  # raw bytes both ways
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler, "EchoFast": fast}),)
+    )
+    check_fast_path_bytes()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    tcp = await asyncio.start_server(_tcp_echo, "127.0.0.1", 0, limit=4 * MIB)
+    tcp_port = tcp.sockets[0].getsockname()[1]
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options.grpc_options(max_message_bytes=64 * MIB))
+    reader, writer = await asyncio.open_connection("127.0.0.1", tcp_port, limit=4 * MIB)
+    float_list = _float_list_class()
+
+    async def tcp_roundtrip(t: torch.Tensor) -> torch.Tensor:
+        await _tcp_send(writer, t)
+        return await _tcp_recv(reader)
+
+    async def timed(fn: Callable[[torch.Tensor], Awaitable[torch.Tensor]], t: torch.Tensor) -> float:
+        started = time.perf_counter()
+        out = await fn(t)
+        elapsed = time.perf_counter() - started
+        if not torch.equal(out, t):
+            raise AssertionError("round trip changed the tensor")
+        return elapsed
+
+    async def as_async(fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
+        return fn(t)
+
+    methods: dict[str, Callable[[torch.Tensor], Awaitable[torch.Tensor]]] = {
+        "grpc": lambda t: grpc_roundtrip(channel, t, wire.DEFAULT_CHUNK_BYTES),
+        "fast": lambda t: grpc_roundtrip_fast(channel, t, wire.DEFAULT_CHUNK_BYTES),
+        "tcp": tcp_roundtrip,
+        "json": lambda t: as_async(json_roundtrip, t),
+        "pb": lambda t: as_async(lambda x: pb_repeated_roundtrip(float_list, x), t),
+    }
+    rates: dict[tuple[str, int], float] = {}
+    try:
+        for size in sizes:
+            t = torch.randn(size * MIB // 4, generator=torch.Generator().manual_seed(size))
+            names = ["grpc", "fast", "tcp"] + (["json", "pb"] if size in slow_sizes else [])
+            for name in names:
+                await timed(methods[name], t)  # warm-up
+            times: dict[str, list[float]] = {n: [] for n in names}
+            for rep in range(reps):
+                for name in names if rep % 2 == 0 else names[::-1]:
+                    if name in ("json", "pb") and rep >= (2 if args.quick or size > 1 else 3):
+                        continue  # a few reps are plenty for seconds-long encodes
+                    times[name].append(await timed(methods[name], t))
+            for name in names:
+                rates[name, size] = size * MIB / med(times[name]) / 1e6
+            log(f"wire {size} MiB: " + ", ".join(f"{n} {rates[n, size]:.0f} MB/s" for n in names))
+
+        # chunk-size sweep (the service's chunk_bytes is configurable)
+        sweep_sizes = [1] if args.quick else [1, 16]
+        chunks = [64 << 10, 256 << 10, MIB, 4 * MIB]
+        sweep: dict[tuple[int, int], list[float]] = {}
+        sweep_tcp: dict[int, list[float]] = {}
+        for size in sweep_sizes:
+            t = torch.randn(size * MIB // 4)
+            for rep in range(2 if args.quick else 4):
+                for c in chunks if rep % 2 == 0 else chunks[::-1]:
+                    sweep.setdefault((size, c), []).append(
+                        await timed(functools.partial(grpc_roundtrip, channel, chunk_bytes=c), t)
+                    )
+                sweep_tcp.setdefault(size, []).append(await timed(tcp_roundtrip, t))
+    finally:
+        writer.close()
+        tcp.close()
+        await channel.close()
+        await server.stop(None)
+
+    def rate(name: str, size: int) -> tuple[float, str]:
+        if (name, size) in rates:
+            return rates[name, size], ""
+        ref = max(s for s in slow_sizes if (name, s) in rates)
+        return rates[name, ref], f" (rate at {ref} MiB)"
+
+    rows = []
+    for size in sizes:
+        g, tcp_rate, f = rates["grpc", size], rates["tcp", size], rates["fast", size]
+        j, jnote = rate("json", size)
+        p, pnote = rate("pb", size)
+        rows.append(
+            (
+                f"{size} MiB",
+                f"{g:.0f}",
+                f"{tcp_rate:.0f}",
+                f"**{g / tcp_rate:.0%}**",
+                f"{j:.1f}{jnote}",
+                f"**{g / j:.0f}x**",
+                f"{p:.1f}{pnote}",
+                f"{g / p:.0f}x",
+                f"{f:.0f} ({f / tcp_rate:.0%} of TCP, {f / j:.0f}x JSON)",
+            )
+        )
+    main = table(
+        [
+            "tensor",
+            "gRPC chunked stream MB/s",
+            "raw asyncio TCP MB/s",
+            "gRPC / TCP",
+            "JSON MB/s",
+            "gRPC / JSON",
+            "pb repeated float MB/s",
+            "gRPC / pb",
+            "proposed fast path MB/s",
+        ],
+        rows,
+    )
+    sweep_rows = []
+    for c in chunks:
+        row: list[str] = [f"{c >> 10} KiB"]
+        for size in sweep_sizes:
+            t_c = med(sweep[size, c])
+            row.append(f"{size * MIB / t_c / 1e6:.0f} MB/s ({med(sweep_tcp[size]) / t_c:.0%} of TCP)")
+        sweep_rows.append(row)
+    sweep_table = table(["chunk size", *(f"gRPC, {size} MiB tensor" for size in sweep_sizes)], sweep_rows)
+    report.section(
+        "1. Wire: float32 tensor round trip (client -> server -> client, decoded into a tensor at each end)",
+        main,
+        "MB/s = tensor bytes / round-trip time (median). gRPC: `trainer_proto.wire` "
+        "chunk_tensor/ChunkAssembler over a grpc.aio bidi stream carrying the service's own messages "
+        "(ForwardBackwardCustomRequest.grad_chunk in, ForwardBackwardCustomResponse.logprobs_chunk out), "
+        f"{wire.DEFAULT_CHUNK_BYTES >> 10} KiB chunks. Raw TCP: asyncio streams, same store-and-forward echo "
+        "with 1 MiB writes and decode via torch.frombuffer. JSON and protobuf `repeated float` (a FloatList "
+        "message built at runtime with descriptor_pb2): encode + decode only, no transfer, so their ratios "
+        "flatter them; they run at a fixed rate, so larger sizes reuse the rate measured at the size noted. "
+        "Proposed fast path (not in src/ yet): the same stream and the same bytes on the wire (checked equal "
+        "to protobuf's), but chunk messages are written as header bytes + a memoryview of the tensor and "
+        "parsed into a memoryview of the received bytes (identity (de)serializers), still validated by "
+        "ChunkAssembler. Sweep below: the service's stream format at other chunk sizes.",
+        sweep_table,
+    )
+    worst_tcp = min(rates["grpc", s] / rates["tcp", s] for s in sizes)
+    worst_json = min(rates["grpc", s] / rate("json", s)[0] for s in sizes)
+    worst_fast = min(rates["fast", s] / rates["tcp", s] for s in sizes)
+    report.goal("1 wire", ">= 75% of raw asyncio TCP", f"{worst_tcp:.0%} (worst size)", worst_tcp >= 0.75)
+    report.goal("1 wire", ">= 100x faster than JSON", f"{worst_json:.0f}x (worst size)", worst_json >= 100)
+    report.goal("1 wire", "proposed fast path vs raw TCP (reported)", f"{worst_fast:.0%} (worst size)", None)
+
+
+# ---- the embedded service for sections 2-5 ---------------------------------------------------
+
+
+@dataclass
+class Service:
+    """An embedded server and a client connected to it."""
+
+    server: Any
+    client: AsyncServiceClient
+    specs: dict[str, ModelSpec]
+
+    def state(self, tc: AsyncTrainingClient) -> Any:
+        """The server-side ``SessionModel`` of a training client."""
+        return self.server.runtime.sessions.get(tc.session_id).state
+
+    def base(self, name: str) -> Any:
+        """A loaded ``BaseModel``."""
+        return self.server.runtime.models[name]
+
+    def vocab(self, name: str) -> int:
+        """Vocabulary size of a served model."""
+        return int(self.base(name).vocab_size)
+
+    async def session(self, name: str) -> AsyncTrainingClient:
+        """A LoRA session (rank 16, every linear layer)."""
+        return await self.client.create_training_client(name, lora_rank=LORA_RANK, seed=0)
+
+
+@contextlib.asynccontextmanager
+async def embedded_service(models: Mapping[ModelSpec, Path]) -> Any:
+    """Start a server on 127.0.0.1:0 serving ``models`` and connect a client."""
+    from trainer_server import ServerConfig, TrainerServer
+
+    config = ServerConfig(models={s.name: p for s, p in models.items()}, port=0, device="cpu")
+    async with TrainerServer(config) as server, AsyncServiceClient(server.address) as client:
+        yield Service(server, client, {s.name: s for s in models})
+
+
+async def fb_step(tc: AsyncTrainingClient, data: list[Datum]) -> None:
+    """forward_backward (cross_entropy) + optim_step, both submitted before awaiting."""
+    fb = tc.forward_backward(data, "cross_entropy")
+    op = tc.optim_step(ADAM)
+    await fb
+    await op
+
+
+# ---- 2. custom loss --------------------------------------------------------------------------
+
+
+async def recompute_step(tc: AsyncTrainingClient, data: list[Datum]) -> None:
+    """The public SDKs' custom loss: forward, loss + grad here, forward_backward with weights = -grad.
+
+    The built-in ``cross_entropy`` is ``-sum(w * lp)``, so with ``w = -grad`` its gradient with
+    respect to the logprobs is exactly the custom loss's gradient.
+    """
+    out = await tc.forward(data)
+    leaves = [lp.detach().requires_grad_(True) for lp in out.logprobs]
+    loss, _ = weighted_nll(data, leaves)
+    grads = torch.autograd.grad(loss, leaves)
+    surrogate = [
+        Datum(model_input=d.model_input, loss_fn_inputs={"target_tokens": d.target_tokens, "weights": -g})
+        for d, g in zip(data, grads, strict=True)
+    ]
+    await tc.forward_backward(surrogate, "cross_entropy")
+
+
+async def bench_custom(args: argparse.Namespace, svc: Service, spec: ModelSpec, report: Report) -> None:
+    n, length = (4, 32) if args.quick else (8, 128)
+    warmup, reps = (1, 3) if args.quick else (1, 5)
+    data = make_data(n, length, svc.vocab(spec.name))
+    modes: dict[str, Callable[[AsyncTrainingClient], Awaitable[Any]]] = {
+        "built-in cross_entropy": lambda tc: tc.forward_backward(data, "cross_entropy"),
+        "forward_backward_custom (ours)": lambda tc: tc.forward_backward_custom(data, weighted_nll),
+        "recompute (public SDKs)": lambda tc: recompute_step(tc, data),
+    }
+    sessions = {m: await svc.session(spec.name) for m in modes}
+    meter = DeviceMeter(svc.server.runtime)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    device: dict[str, list[float]] = {m: [] for m in modes}
+    try:
+        for m, fn in modes.items():
+            for _ in range(warmup):
+                await fn(sessions[m])
+        order = list(modes)
+        for rep in range(reps):
+            for m in order[rep % 3 :] + order[: rep % 3]:
+                meter.busy_s = 0.0
+                started = time.perf_counter()
+                await modes[m](sessions[m])
+                times[m].append(time.perf_counter() - started)
+                device[m].append(meter.busy_s)
+    finally:
+        meter.remove()
+    # Same data, same steps, no optimizer step: the accumulated gradients must agree.
+    ref = [p.grad for p in svc.state(sessions["built-in cross_entropy"]).params]
+    scale = max(float(g.abs().max()) for g in ref if g is not None)
+    diffs = {}
+    for m, tc in sessions.items():
+        grads = [p.grad for p in svc.state(tc).params]
+        diffs[m] = max(float((a - b).abs().max()) for a, b in zip(grads, ref, strict=True)) / scale
+    for tc in sessions.values():
+        await tc.close()
+    base = med(times["built-in cross_entropy"])
+    rows = [
+        (m, ms(med(times[m])), f"**{med(times[m]) / base:.3f}x**", ms(med(device[m])), f"{diffs[m]:.1e}") for m in modes
+    ]
+    ours = med(times["forward_backward_custom (ours)"]) / base
+    recompute = med(times["recompute (public SDKs)"]) / base
+    report.section(
+        "2. Custom loss: step time vs the built-in loss computing the same value",
+        table(["mode", "step time (median)", "vs built-in", "server device time", "grad diff vs built-in"], rows),
+        f"Model {spec.name} ({svc.base(spec.name).num_parameters / 1e6:.1f}M params, LoRA r{LORA_RANK}), "
+        f"batch {n} x {length} tokens, {reps} interleaved reps after {warmup} warm-up, server embedded on "
+        "loopback. The loss is `-sum(weights * logprobs)` (= cross_entropy) computed on the client. One "
+        "step = the forward+backward call(s) only (no optim_step, so all three sessions accumulate "
+        "gradients over identical steps; the last column is max|grad - grad_built-in| / max|grad_built-in| "
+        "after the run, which checks that the three modes compute the same gradient).",
+    )
+    report.goal("2 custom loss", "forward_backward_custom <= 1.05x built-in", f"{ours:.3f}x", ours <= 1.05)
+    report.goal("2 custom loss", "recompute mode (reference, ~1.3-1.5x expected)", f"{recompute:.2f}x", None)
+
+
+# ---- 3. service overhead ---------------------------------------------------------------------
+
+
+async def bench_overhead(args: argparse.Namespace, svc: Service, specs: Sequence[ModelSpec], report: Report) -> None:
+    from trainer_server._batch import parse_datums
+    from trainer_server._engine import AdamSettings, SessionModel
+    from trainer_server._losses import cross_entropy
+
+    loop = asyncio.get_running_loop()
+    device_thread = svc.server.runtime._executor  # the thread (and torch/OpenMP threads) the service uses
+    rows = []
+    for i, spec in enumerate(specs):
+        big = i == len(specs) - 1
+        if args.quick:
+            (n, length), (warmup, reps) = ((4, 64), (1, 2)) if big else ((4, 32), (1, 3))
+        else:
+            (n, length), (warmup, reps) = ((4, 128), (1, 3)) if big else ((8, 128), (1, 5))
+        base = svc.base(spec.name)
+        data = make_data(n, length, base.vocab_size)
+        tc = await svc.session(spec.name)
+        state = SessionModel(base, pb.LoraConfig(rank=LORA_RANK), 0)  # what the server builds for tc
+        batch = parse_datums([d.to_proto() for d in data], base, svc.server.runtime.config.limits)
+        settings = AdamSettings(ADAM.to_proto())
+
+        def in_process(state: Any = state, batch: Any = batch, settings: Any = settings) -> None:
+            logprobs = state.logprobs(batch, grad=True)
+            loss, _ = cross_entropy(logprobs, batch, {})
+            state.backward(loss, torch.ones_like(loss))
+            state.optim_step(settings)
+
+        async def step(
+            which: str, tc: AsyncTrainingClient = tc, data: list[Datum] = data, fn: Callable[[], None] = in_process
+        ) -> float:
+            started = time.perf_counter()
+            if which == "in":
+                await loop.run_in_executor(device_thread, fn)
+            else:
+                await fb_step(tc, data)
+            return time.perf_counter() - started
+
+        for _ in range(warmup):
+            await step("in")
+            await step("svc")
+        times: dict[str, list[float]] = {"in": [], "svc": []}
+        meter = DeviceMeter(svc.server.runtime)
+        svc_device: list[float] = []
+        try:
+            for rep in range(reps):
+                for which in ("in", "svc") if rep % 2 == 0 else ("svc", "in"):
+                    meter.busy_s = 0.0
+                    times[which].append(await step(which))
+                    if which == "svc":
+                        svc_device.append(meter.busy_s)
+        finally:
+            meter.remove()
+        await tc.close()
+        del state
+        t_in, t_svc = med(times["in"]), med(times["svc"])
+        # Each rep is an adjacent (in-process, service) pair: the median of the pairs' ratios cancels
+        # slow drifts in the machine's load better than the ratio of the two medians.
+        ratio = med([b / a for a, b in zip(times["in"], times["svc"], strict=True)])
+        outside = med([w - d for w, d in zip(times["svc"], svc_device, strict=True)])
+        label = f"{spec.name} ({base.num_parameters / 1e6:.1f}M params)"
+        rows.append(
+            (
+                label,
+                f"{n} x {length}",
+                ms(t_in),
+                ms(t_svc),
+                ms(med(svc_device)),
+                f"{ms(outside)} ({outside / t_in:.1%})",
+                f"**{ratio:.3f}x**",
+                reps,
+            )
+        )
+        judged = t_in >= 0.1
+        report.goal(
+            "3 overhead",
+            f"service step <= 1.05x in-process, {label}" + ("" if judged else " (compute < 100 ms: not judged)"),
+            f"{ratio:.3f}x (in-process {ms(t_in)}; outside the device thread {ms(outside)})",
+            ratio <= 1.05 if judged else None,
+        )
+        log(f"overhead {spec.name}: in-process {ms(t_in)}, service {ms(t_svc)}")
+
+    # tiny-call latency
+    calls = 30 if args.quick else 300
+    stub_call = svc.client._stub.GetServerInfo
+    lat_client: list[float] = []
+    lat_stub: list[float] = []
+    lat_cached: list[float] = []
+    runtime = svc.server.runtime
+    cached_info = runtime.server_info()
+    for _ in range(5):
+        await svc.client.get_server_info()
+    for _ in range(calls):
+        started = time.perf_counter()
+        await svc.client.get_server_info()
+        lat_client.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        await stub_call(pb.GetServerInfoRequest(), timeout=10)
+        lat_stub.append(time.perf_counter() - started)
+        runtime.server_info = lambda: cached_info  # the proposed patch: build the response once
+        started = time.perf_counter()
+        await stub_call(pb.GetServerInfoRequest(), timeout=10)
+        lat_cached.append(time.perf_counter() - started)
+        del runtime.server_info
+    lat_rows = [
+        ("`AsyncServiceClient.get_server_info()`", f"{med(lat_client) * 1e3:.2f} ms", _p90(lat_client)),
+        ("raw stub `GetServerInfo`", f"{med(lat_stub) * 1e3:.2f} ms", _p90(lat_stub)),
+        (
+            "raw stub, response built once (proposed patch, monkeypatched here)",
+            f"{med(lat_cached) * 1e3:.2f} ms",
+            _p90(lat_cached),
+        ),
+    ]
+    report.section(
+        "3. Service overhead: full step through the service vs the same step in-process",
+        table(
+            [
+                "model",
+                "batch",
+                "in-process step",
+                "service step",
+                "service: device time",
+                "service: time outside device work",
+                "service / in-process (median of paired reps)",
+                "reps",
+            ],
+            rows,
+        ),
+        "Step = forward + cross_entropy + backward + AdamW step, LoRA r16. In-process: a `SessionModel` built "
+        "exactly as the server builds the session's (same base model object, same batch), called directly on "
+        "the server's device thread, so the same torch threads do the work; service: `forward_backward` + "
+        "`optim_step` submitted together and awaited, through grpc.aio on loopback (client and server share "
+        "this process). Device time = time inside `Runtime.on_device` during the service step; the time outside it "
+        "(gRPC, datum encode/decode, sequencing, thread hops) is what the service adds, shown as a share of the "
+        "in-process step. Reps alternate in-process/service; medians.",
+        table(["tiny call (loopback)", "median", "p90"], lat_rows)
+        + f"\n\n{calls} calls each, interleaved. `Runtime.server_info()` rebuilds the response on every call, "
+        "including `importlib.metadata.version()`, which scans the installed distributions.",
+    )
+    report.goal(
+        "3 overhead",
+        "tiny call (GetServerInfo) <= 1 ms median",
+        f"{med(lat_client) * 1e3:.2f} ms (response built once: {med(lat_cached) * 1e3:.2f} ms)",
+        med(lat_client) <= 1e-3,
+    )
+
+
+def _p90(xs: Sequence[float]) -> str:
+    return f"{sorted(xs)[int(0.9 * (len(xs) - 1))] * 1e3:.2f} ms"
+
+
+# ---- 4. pipelining ---------------------------------------------------------------------------
+
+
+async def run_steps(tc: AsyncTrainingClient, data: list[Datum], steps: int, *, pipelined: bool) -> None:
+    """``steps`` steps of forward_backward + optim_step; pipelined submits step k+1 before awaiting k."""
+    if not pipelined:
+        for _ in range(steps):
+            await tc.forward_backward(data, "cross_entropy")
+            await tc.optim_step(ADAM)
+        return
+    pending = [(tc.forward_backward(data, "cross_entropy"), tc.optim_step(ADAM))]
+    for k in range(steps):
+        if k + 1 < steps:
+            pending.append((tc.forward_backward(data, "cross_entropy"), tc.optim_step(ADAM)))
+        fb, op = pending.pop(0)
+        await fb
+        await op
+
+
+async def bench_pipeline(args: argparse.Namespace, svc: Service, specs: Sequence[ModelSpec], report: Report) -> None:
+    rows = []
+    for spec in specs:
+        n, length = (4, 32) if args.quick or spec.hidden <= 64 else (8, 128)
+        steps, rounds = (4, 1) if args.quick else (8, 2)
+        data = make_data(n, length, svc.vocab(spec.name))
+        tc = await svc.session(spec.name)
+        await run_steps(tc, data, 2, pipelined=False)  # warm-up
+        meter = DeviceMeter(svc.server.runtime)
+        results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+        try:
+            for r in range(rounds):
+                for pipelined in (False, True) if r % 2 == 0 else (True, False):
+                    meter.busy_s = 0.0
+                    started = time.perf_counter()
+                    await run_steps(tc, data, steps, pipelined=pipelined)
+                    results[pipelined].append((time.perf_counter() - started, meter.busy_s))
+        finally:
+            meter.remove()
+        await tc.close()
+        for pipelined in (False, True):
+            wall = med([w for w, _ in results[pipelined]])
+            busy = med([b / w for w, b in results[pipelined]])
+            rows.append(
+                (
+                    f"{spec.name}, {n} x {length}",
+                    "next step submitted before awaiting" if pipelined else "each call awaited",
+                    ms(wall / steps),
+                    f"**{busy:.1%}**",
+                )
+            )
+            if pipelined:
+                seq_wall = med([w for w, _ in results[False]])
+                report.goal(
+                    "4 pipelining",
+                    f">= 95% server busy when pipelined ({spec.name})",
+                    f"{busy:.1%} (awaited: {med([b / w for w, b in results[False]]):.1%}; "
+                    f"wall {wall / seq_wall:.2f}x of awaited)",
+                    busy >= 0.95,
+                )
+    report.section(
+        "4. Pipelining: server busy fraction",
+        table(["model, batch", "submission", "wall per step (median)", "server busy"], rows),
+        "Busy = time inside `Runtime.on_device` (all model work: forward, loss, backward, AdamW) / wall time, "
+        "measured by wrapping `server.runtime.on_device`. Each step = forward_backward (cross_entropy) + "
+        "optim_step, LoRA r16. The remainder is gRPC, datum encode/decode and sequencing on the event loop, "
+        "which shares the 2 cores with torch in this embedded setup.",
+    )
+
+
+# ---- 5. overlap ------------------------------------------------------------------------------
+
+
+async def bench_overlap(args: argparse.Namespace, svc: Service, spec: ModelSpec, report: Report) -> None:
+    from trainer_server._batch import parse_datums
+
+    n, length = (4, 32) if args.quick else (8, 128)
+    window, windows = (2, 1) if args.quick else (4, 2)
+    data = make_data(n, length, svc.vocab(spec.name))
+    tc = await svc.session(spec.name)
+    state = svc.state(tc)
+    batch = parse_datums([d.to_proto() for d in data], svc.base(spec.name), svc.server.runtime.config.limits)
+
+    def forward_time() -> float:
+        started = time.perf_counter()
+        state.logprobs(batch, grad=True)
+        return time.perf_counter() - started
+
+    await run_steps(tc, data, 1, pipelined=False)  # warm-up
+    t_fwd = med([await svc.server.runtime.on_device(forward_time) for _ in range(3)])
+
+    def slow_loss(d: list[Datum], lp: list[torch.Tensor]) -> tuple[torch.Tensor, Mapping[str, float]]:
+        time.sleep(t_fwd)
+        return weighted_nll(d, lp)
+
+    async def run_window(mode: str) -> None:
+        if mode == "awaited":
+            for _ in range(window):
+                await tc.forward_backward_custom(data, slow_loss)
+            await tc.optim_step(ADAM)
+            return
+        if mode == "submitted":
+            futures = [tc.forward_backward_custom(data, slow_loss) for _ in range(window)]
+        else:
+            futures = [tc.forward_backward(data, "cross_entropy") for _ in range(window)]
+        op = tc.optim_step(ADAM)
+        for f in futures:
+            await f
+        await op
+
+    modes = {
+        "awaited": "custom loss (sleep = forward time), each call awaited",
+        "submitted": "custom loss (sleep = forward time), window submitted at once",
+        "builtin": "built-in loss, window submitted at once (no client loss: the floor)",
+    }
+    meter = DeviceMeter(svc.server.runtime)
+    results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    try:
+        for w in range(windows):
+            for m in list(modes) if w % 2 == 0 else list(modes)[::-1]:
+                meter.busy_s = 0.0
+                started = time.perf_counter()
+                await run_window(m)
+                results[m].append((time.perf_counter() - started, meter.busy_s))
+    finally:
+        meter.remove()
+    await tc.close()
+    floor = med([w for w, _ in results["builtin"]])
+    rows = []
+    for m, label in modes.items():
+        wall = med([w for w, _ in results[m]])
+        dev = med([d for _, d in results[m]])
+        rows.append((label, ms(wall), ms(dev), f"{dev / wall:.0%}", f"{wall / floor:.2f}x"))
+    dev_custom = med([d for _, d in results["submitted"]])
+    bound = floor + t_fwd  # only the window's last loss cannot hide behind server work
+    rows.append(
+        (
+            "estimate if the server overlapped forward k+1 with the client's loss k",
+            f"~{ms(bound)}",
+            ms(dev_custom),
+            f"~{dev_custom / bound:.0%}",
+            f"~{bound / floor:.2f}x",
+        )
+    )
+    submitted = med([w for w, _ in results["submitted"]])
+    report.section(
+        "5. Overlap: client loss as slow as the forward",
+        table(["mode", f"wall per window of {window} + optim_step", "device time", "busy", "vs floor"], rows),
+        f"{spec.name}, batch {n} x {length}, LoRA r16; forward time (with graph) {ms(t_fwd)}, so the loss sleeps "
+        f"{ms(t_fwd)}. Median of {windows} window(s) per mode. The server runs a session's calls strictly one "
+        "after another (call k+1 waits until call k's gradient has arrived and its backward is done), so "
+        "submitting the window at once saves only round trips: the client's loss time is not hidden. The last "
+        "row is an estimate (the floor + the one loss per window that cannot be hidden), not a measurement.",
+    )
+    report.goal(
+        "5 overlap",
+        "server runs forward k+1 while the client computes loss k (reported)",
+        f"no overlap: {submitted / floor:.2f}x the floor pipelined vs ~{bound / floor:.2f}x possible",
+        None,
+    )
+
+
+# ---- 6. multi-tenant LoRA memory -------------------------------------------------------------
+
+
+async def lora_memory(model_dir: str, name: str, counts: Sequence[int]) -> dict[str, Any]:
+    """Server RSS with ``counts`` LoRA sessions on one base model (each after one step)."""
+    spec = ModelSpec(name, 0, 0, 0)
+    async with embedded_service({spec: Path(model_dir)}) as svc:
+        base = svc.base(name)
+        data = make_data(2, 32, base.vocab_size)
+        # Warm the code paths once (kernels, autograd engine, peft import) with a throwaway session.
+        tc = await svc.session(name)
+        await fb_step(tc, data)
+        await tc.close()
+        gc.collect()
+        gc.freeze()
+        rows = [(0, rss())]
+        sessions: list[AsyncTrainingClient] = []
+        for count in counts:
+            while len(sessions) < count:
+                tc = await svc.session(name)
+                await fb_step(tc, data)
+                sessions.append(tc)
+            rows.append((count, rss()))
+        trainable = sessions[0].trainable_parameters
+        optim_bytes = 0
+        for p in svc.state(sessions[0]).params:
+            opt = svc.state(sessions[0]).optimizer.state[p]
+            optim_bytes += sum(v.numel() * v.element_size() for v in opt.values() if isinstance(v, torch.Tensor))
+        base_bytes = sum(p.numel() * p.element_size() for p in base.model.parameters())
+        for tc in sessions:
+            await tc.close()
+    gc.unfreeze()
+    return {
+        "rows": rows,
+        "trainable": trainable,
+        "adapter_bytes": trainable * 4,
+        "optim_bytes": optim_bytes,
+        "base_bytes": base_bytes,
+        "base_params": sum(p.numel() for p in base.model.parameters()),
+    }
+
+
+def report_lora(result: Mapping[str, Any], name: str, where: str, report: Report) -> None:
+    rows_in = result["rows"]
+    zero = rows_in[0][1]
+    expected = result["adapter_bytes"] + result["optim_bytes"]
+    rows = []
+    prev: tuple[int, int] | None = None
+    per_extra = 0.0
+    for count, value in rows_in[1:]:
+        extra = ""
+        if prev is not None:
+            per_extra = (value - prev[1]) / (count - prev[0])
+            share = per_extra / result["base_bytes"]
+            extra = f"{mb(per_extra)} ({per_extra / expected:.2f}x adapter+Adam, {share:.1%} of base)"
+        rows.append((count, mb(value), mb(value - zero), extra or "(first session)"))
+        prev = (count, value)
+    report.section(
+        "6. Multi-tenant LoRA: server memory vs sessions on one base model",
+        table(["LoRA sessions", "server RSS", "RSS over 0 sessions", "per extra session (vs previous row)"], rows),
+        f"Base {name}: {result['base_params'] / 1e6:.1f}M params = {mb(result['base_bytes'])} fp32. Each session: "
+        f"LoRA r{LORA_RANK} on every linear layer incl. lm_head = {result['trainable']:,} trainable params = "
+        f"{mb(result['adapter_bytes'])} adapter + {mb(result['optim_bytes'])} AdamW state = {mb(expected)} "
+        f"expected. Each session ran one forward_backward + optim_step (2 x 32 tokens) so its optimizer "
+        f"state exists; RSS read after gc + malloc_trim; {where}.",
+    )
+    report.goal(
+        "6 LoRA",
+        "extra session ~ adapter + optimizer state, not a base copy",
+        f"{mb(per_extra)}/session = {per_extra / expected:.2f}x adapter+Adam ({mb(expected)}), "
+        f"{per_extra / result['base_bytes']:.1%} of base",
+        per_extra < 2 * expected + 4e6 and per_extra < 0.5 * result["base_bytes"],
+    )
+
+
+# ---- 7. step memory --------------------------------------------------------------------------
+
+
+async def step_memory(model_dir: str, name: str, modes: Sequence[str], n: int, length: int) -> dict[str, Any]:
+    """Peak RSS over one step of each mode ("builtin" or "custom"), above the RSS just before it."""
+    spec = ModelSpec(name, 0, 0, 0)
+    out: dict[str, Any] = {}
+    async with embedded_service({spec: Path(model_dir)}) as svc:
+        data = make_data(n, length, svc.vocab(name))
+        tc = await svc.session(name)
+
+        async def step(mode: str) -> None:
+            if mode == "builtin":
+                await tc.forward_backward(data, "cross_entropy")
+            else:
+                await tc.forward_backward_custom(data, weighted_nll)
+
+        for mode in modes:
+            await step(mode)  # warm-up: one-time allocations are not the step's
+        gc.collect()
+        gc.freeze()
+        for mode in list(modes) * (1 if len(modes) == 1 else 2):
+            before = rss()
+            maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            with PeakRSS() as peak:
+                await step(mode)
+            maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            entry = out.setdefault(mode, {"before": before, "sampled": 0, "maxrss": 0})
+            entry["sampled"] = max(entry["sampled"], peak.peak - before)
+            # ru_maxrss only says something when the step set a new high (a fresh process per mode)
+            entry["maxrss"] = max(entry["maxrss"], maxrss_after - before if maxrss_after > maxrss_before else 0)
+        await tc.close()
+    gc.unfreeze()
+    return out
+
+
+def report_memory(result: Mapping[str, Any], label: str, where: str, report: Report) -> None:
+    rows = []
+    for mode, step in (("builtin", "built-in cross_entropy"), ("custom", "forward_backward_custom")):
+        r = result[mode]
+        rows.append((step, mb(r["before"]), mb(r["sampled"]), mb(r["maxrss"]) if r["maxrss"] else "n/a"))
+    ratio = result["custom"]["sampled"] / max(1, result["builtin"]["sampled"])
+    report.section(
+        "7. Memory: peak server RSS of a custom-loss step vs a built-in step",
+        table(["step", "RSS before", "peak RSS delta (sampled every 2 ms)", "ru_maxrss delta"], rows),
+        f"{label}, LoRA r16, one warm-up step per mode first; RSS read after gc + "
+        f"malloc_trim just before the step; {where}. The custom step holds the forward graph while the "
+        "logprobs travel to the client and the gradient comes back; the built-in step holds the same graph "
+        "for its backward.",
+    )
+    report.goal("7 memory", "custom-loss step peak ~ built-in step peak (reported)", f"{ratio:.2f}x", None)
+
+
+# ---- workers (fresh processes for the memory sections) ---------------------------------------
+
+
+@dataclass
+class Worker:
+    """A benchmark worker process; its stderr goes to a temporary file (no pipe to fill up)."""
+
+    proc: subprocess.Popen[str]
+    stderr: Any
+
+    def result(self, timeout: float = 900) -> Any:
+        """Wait for the worker and return the JSON it printed."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        self.stderr.seek(0)
+        err = self.stderr.read()
+        self.stderr.close()
+        if self.proc.returncode != 0:
+            raise RuntimeError(f"worker failed ({self.proc.returncode}):\n{err[-3000:]}")
+        lines = [line for line in out.splitlines() if line.startswith("BENCH_RESULT ")]
+        return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+
+def run_worker(kind: str, payload: Mapping[str, Any], threads: int) -> Worker:
+    """Start ``bench.py --worker KIND`` in a fresh interpreter."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads)]
+    cmd += ["--worker-args", json.dumps(payload)]
+    stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  # closed by Worker.result
+    return Worker(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True), stderr)
+
+
+def worker_main(kind: str, payload: Mapping[str, Any]) -> int:
+    if kind == "lora":
+        result = asyncio.run(lora_memory(payload["model_dir"], payload["name"], payload["counts"]))
+    elif kind == "memory":
+        result = asyncio.run(
+            step_memory(payload["model_dir"], payload["name"], payload["modes"], payload["n"], payload["length"])
+        )
+    else:
+        raise SystemExit(f"unknown worker {kind!r}")
+    print("BENCH_RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+# ---- main --------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace) -> Report:
+    from trainer_server.builtin_models import trainer_home
+
+    report = Report()
+    only = set(args.only)
+    root = args.models_dir or trainer_home() / "bench-models"
+    small, large = (TINY, SMALL) if args.quick else (SMALL, LARGE)
+    lora_spec, mem_spec = (SMALL, TINY) if args.quick else (MEDIUM, SMALL)
+    mem_n, mem_len = (8, 64) if args.quick else (16, 256)
+    lora_counts = [1, 2, 4] if args.quick else [1, 4, 16]
+    mem_label = f"{mem_spec.name}, batch {mem_n} x {mem_len} tokens"
+    print(
+        f"# Benchmarks ({'--quick' if args.quick else 'full run'})\n\n"
+        f"torch {torch.__version__} (torch.set_num_threads({args.threads}) in every process), grpcio "
+        f"{grpc.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPU cores, "
+        f"{platform.machine()}, device cpu. Load average at start: "
+        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
+        flush=True,
+    )
+    started = time.perf_counter()
+    needed: set[ModelSpec] = set()
+    pipeline_specs = [small] if args.quick else [TINY, small]
+    if only & {"custom", "overlap"}:
+        needed.add(small)
+    if "pipeline" in only:
+        needed |= set(pipeline_specs)
+    if "overhead" in only:
+        needed |= {small, large}
+    if "lora" in only:
+        needed.add(lora_spec)
+    if "memory" in only:
+        needed.add(mem_spec)
+    dirs = {spec: ensure_model(spec, root) for spec in sorted(needed, key=lambda s: s.hidden)}
+
+    # Memory sections first: in fresh processes (full run), side by side, before the timed work.
+    workers: dict[str, Worker] = {}
+    lora_payload: dict[str, Any] = {
+        "model_dir": str(dirs.get(lora_spec, "")),
+        "name": lora_spec.name,
+        "counts": lora_counts,
+    }
+    mem_payload: dict[str, Any] = {
+        "model_dir": str(dirs.get(mem_spec, "")),
+        "name": mem_spec.name,
+        "n": mem_n,
+        "length": mem_len,
+    }
+    log("models ready")
+    if not args.quick:
+        if "lora" in only:
+            workers["lora"] = run_worker("lora", lora_payload, args.threads)
+        if "memory" in only:
+            for mode in ("builtin", "custom"):
+                workers[mode] = run_worker("memory", {**mem_payload, "modes": [mode]}, args.threads)
+        if workers:
+            log(f"started {len(workers)} memory worker process(es)")
+            results = {k: w.result() for k, w in workers.items()}
+            if "lora" in results:
+                report_lora(results["lora"], lora_spec.name, "fresh server process", report)
+            if "builtin" in results:
+                memory = {"builtin": results["builtin"]["builtin"], "custom": results["custom"]["custom"]}
+                report_memory(memory, mem_label, "a fresh server process per mode", report)
+    else:
+        if "lora" in only:
+            log("lora memory")
+            report_lora(await lora_memory(**lora_payload), lora_spec.name, "in the benchmark process (--quick)", report)
+        if "memory" in only:
+            log("step memory")
+            memory = await step_memory(**mem_payload, modes=["builtin", "custom"])
+            report_memory(memory, mem_label, "both modes in the benchmark process (--quick), max of 2", report)
+
+    if "wire" in only:
+        log("wire")
+        await bench_wire(args, report)
+    timed = [s for s in ("custom", "overhead", "pipeline", "overlap") if s in only]
+    if timed:
+        served = {s: dirs[s] for s in dirs if s in (small, large, *pipeline_specs)}
+        async with embedded_service(served) as svc:
+            if "custom" in only:
+                log("custom loss")
+                await bench_custom(args, svc, small, report)
+            if "overhead" in only:
+                log("service overhead")
+                await bench_overhead(args, svc, [small, large], report)
+            if "pipeline" in only:
+                log("pipelining")
+                await bench_pipeline(args, svc, pipeline_specs, report)
+            if "overlap" in only:
+                log("overlap")
+                await bench_overlap(args, svc, small, report)
+    report.print()
+    print(f"\nTotal benchmark time {time.perf_counter() - started:.0f} s.", flush=True)
+    return report
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="small models, few reps: a smoke run (< 60 s)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads in every process (default 1: on a shared 2-core machine 2 OpenMP threads "
+        "measured several times slower and far noisier)",
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(SECTIONS),
+        help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})",
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, help="where bench models are built (default $TRAINER_HOME/bench-models)"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-args", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = sorted(set(args.only) - set(SECTIONS))
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    with contextlib.suppress(ImportError):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    if args.worker:
+        return worker_main(args.worker, json.loads(args.worker_args or "{}"))
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""``trainer-client``: info, list, download (resumable, verified) and delete from the shell."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from conftest import LLAMA, make_config
+
+from trainer_client import AsyncServiceClient, Datum
+from trainer_server import TrainerServer
+
+
+async def run_cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trainer_client", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_cli_lists_downloads_and_deletes(llama_dir: Path, qwen_dir: Path, tmp_path: Path) -> None:
+    async with TrainerServer(make_config(llama_dir, qwen_dir, checkpoint_dir=tmp_path / "ckpt")) as server:
+        async with AsyncServiceClient(server.address) as service:
+            tc = await service.create_training_client(LLAMA, lora_rank=4)
+            await tc.forward_backward([Datum.from_tokens([5, 6, 7], [8, 9])])
+            await tc.optim_step()
+            info = await tc.save_checkpoint("ck1", "base", dtype="float32")
+
+        code, out, _ = await run_cli("--server", server.address, "info")
+        assert code == 0 and LLAMA in [m["name"] for m in json.loads(out)["models"]]
+
+        code, out, _ = await run_cli("--server", server.address, "checkpoints")
+        assert code == 0 and out.startswith("ck1\tbase\tstep 1\t")
+
+        dest = tmp_path / "dl"
+        code, out, _ = await run_cli("--server", server.address, "download", "ck1", str(dest), "--quiet")
+        assert code == 0, out
+        for f in info.files:
+            assert hashlib.sha256((dest / f.path).read_bytes()).hexdigest() == f.sha256
+        assert (dest / "manifest.json").is_file()
+
+        code, _, err = await run_cli("--server", server.address, "download", "nope", str(tmp_path / "x"), "--quiet")
+        assert code == 1 and "NOT_FOUND" in err
+
+        code, out, _ = await run_cli("--server", server.address, "delete", "ck1")
+        assert code == 0 and "deleted ck1" in out
+        code, out, _ = await run_cli("--server", server.address, "checkpoints")
+        assert code == 0 and out == ""
