@@ -302,3 +302,14 @@ async def test_tls_with_a_generated_certificate(llama_dir: Path, qwen_dir: Path,
         ) as plain:
             with pytest.raises(Exception):  # noqa: B017 - UNAVAILABLE or a handshake error, by platform
                 await plain.get_server_info()
+
+
+async def test_sequence_number_far_ahead_is_out_of_range(server: TrainerServer, service: AsyncServiceClient) -> None:
+    """A huge number is refused at once; it cannot burn the session's remaining numbers."""
+    tc = await service.create_training_client(LLAMA, lora_rank=2)
+    stub = pb_grpc.TrainerServiceStub(service._channel)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.OptimStep(pb.OptimStepRequest(call=pb.CallHeader(session_id=tc.session_id, seq=2**64 - 1)))
+    assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert "too far ahead" in (info.value.details() or "")
+    assert (await tc.optim_step()).step == 1

@@ -135,7 +135,10 @@ def generate(
         if settings.temperature == 0:
             chosen = logits.argmax(dim=-1)
         else:
-            scores = _filter(logits / settings.temperature, settings.top_k, settings.top_p)
+            # Shift the max to 0 first: over a tiny temperature the scores are then 0 or -inf, never
+            # inf - inf = NaN; softmax ignores the shift, so the draw is unchanged.
+            shifted = logits - logits.max(dim=-1, keepdim=True).values
+            scores = _filter(shifted / settings.temperature, settings.top_k, settings.top_p)
             chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
         chosen_lp = logp.gather(-1, chosen[:, None])[:, 0].tolist()
         for i, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp, strict=True)):

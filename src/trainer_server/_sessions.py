@@ -30,8 +30,11 @@ from trainer_server._engine import SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found, resource_exhausted
 from trainer_server._models import BaseModel
 
-__all__ = ["MAX_STORED_OUTCOMES", "Outcome", "SequencedCall", "Session", "SessionRegistry"]
+__all__ = ["MAX_SEQ_LOOKAHEAD", "MAX_STORED_OUTCOMES", "Outcome", "SequencedCall", "Session", "SessionRegistry"]
 
+MAX_SEQ_LOOKAHEAD = 1024
+"""A call may carry at most this many numbers past the next expected one (a huge number would
+otherwise skip, via the gap timeout, every number a session could still use)."""
 MAX_STORED_OUTCOMES = 32
 """Finished calls per session whose responses are kept to answer retries."""
 
@@ -127,6 +130,12 @@ class Session:
         """
         if seq == 0:
             raise invalid_argument("call.seq is required and starts at 1")
+        if seq > self.next_seq + MAX_SEQ_LOOKAHEAD:
+            raise ServiceError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"session {self.id}: call.seq {seq} is too far ahead (next expected: {self.next_seq}, "
+                f"at most {MAX_SEQ_LOOKAHEAD} ahead)",
+            )
         replay = await self._retry_of(seq, fingerprint)
         if replay is not None:
             log.info("session %s: call %d is a retry; answering with its stored outcome", self.id, seq)
