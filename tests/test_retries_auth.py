@@ -313,3 +313,26 @@ async def test_sequence_number_far_ahead_is_out_of_range(server: TrainerServer, 
     assert info.value.code() == grpc.StatusCode.OUT_OF_RANGE
     assert "too far ahead" in (info.value.details() or "")
     assert (await tc.optim_step()).step == 1
+
+
+async def test_call_whose_deadline_passes_while_queued_is_dropped(
+    server: TrainerServer, service: AsyncServiceClient
+) -> None:
+    """A call still waiting for its turn when its deadline passes is cancelled and never applied."""
+    tc = await service.create_training_client(LLAMA, lora_rank=2)
+    session = server_session(server, tc)
+    before = state_hash(session)
+    stub = pb_grpc.TrainerServiceStub(service._channel)
+    # Number 2 waits behind the missing 1; its 0.3 s deadline passes first.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.OptimStep(pb.OptimStepRequest(call=pb.CallHeader(session_id=tc.session_id, seq=2)), timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):  # the server notices the cancellation and gives the number up
+        if not session._seen:
+            break
+        await asyncio.sleep(0.02)
+    assert not session._seen and 2 in session._done_early
+    assert state_hash(session) == before
+    # Number 1 arrives late: it runs, and the session skips the dropped 2 and goes on.
+    await stub.OptimStep(pb.OptimStepRequest(call=pb.CallHeader(session_id=tc.session_id, seq=1)))
+    assert session.next_seq == 3 and session.state.step == 1
