@@ -258,6 +258,8 @@ class ServerInfo:
     limits: dict[str, int]
     capabilities: list[str]
     loss_functions: list[str]
+    distributed_mode: str = "single"
+    """"single", or accelerate's distributed type ("MULTI_GPU", "MULTI_CPU") for ``world_size`` > 1."""
 
     @classmethod
     def from_proto(cls, msg: pb.GetServerInfoResponse) -> ServerInfo:
@@ -280,6 +282,7 @@ class ServerInfo:
             limits={f.name: int(v) for f, v in msg.limits.ListFields()},
             capabilities=list(msg.capabilities),
             loss_functions=list(msg.loss_functions),
+            distributed_mode=msg.distributed_mode or "single",
         )
 
 

@@ -9,20 +9,28 @@ Embed it in an asyncio program::
 
 or run ``trainer-server --model NAME=PATH``. aio objects belong to the event loop that
 made them: start, use and stop a server on one loop.
+
+Under ``accelerate launch`` every process joins with :func:`init_cluster`; rank 0 serves
+(``TrainerServer(config, cluster=cluster)``) and the others call :func:`run_worker`.
 """
 
+from trainer_server._cluster import Cluster, ClusterFailure, init_cluster
 from trainer_server._config import Limits, ServerConfig
 from trainer_server._errors import ServiceError
-from trainer_server._server import SERVICE_NAME, TrainerServer
+from trainer_server._server import SERVICE_NAME, TrainerServer, run_worker
 from trainer_server.builtin_models import BUILTIN_MODEL_NAME, build_tiny_model, ensure_builtin_model
 
 __all__ = [
     "BUILTIN_MODEL_NAME",
     "SERVICE_NAME",
+    "Cluster",
+    "ClusterFailure",
     "Limits",
     "ServerConfig",
     "ServiceError",
     "TrainerServer",
     "build_tiny_model",
     "ensure_builtin_model",
+    "init_cluster",
+    "run_worker",
 ]

@@ -5,8 +5,11 @@ Examples::
     trainer-server                                   # the built-in tiny model, port 50051
     trainer-server --model llama=/models/llama-3.2-1b --model qwen=/models/qwen2.5-0.5b
     trainer-server --port 0 --device cuda --dtype bfloat16
+    accelerate launch --num_processes 4 -m trainer_server --model llama=/models/llama --dtype bfloat16
 
 SIGTERM and SIGINT stop it gracefully: no new calls, in-flight calls get the grace period.
+Under ``accelerate launch`` (or ``torchrun``) rank 0 serves gRPC and the other ranks run
+every training operation on their shard of each batch (docs/DISTRIBUTED.md).
 """
 
 from __future__ import annotations
@@ -14,12 +17,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
 from trainer_server._auth import load_api_keys
+from trainer_server._cluster import Cluster, ClusterFailure, init_cluster
 from trainer_server._config import Limits, ServerConfig
-from trainer_server._server import TrainerServer
+from trainer_server._errors import ServiceError
+from trainer_server._server import TrainerServer, run_worker
 
 __all__ = ["main", "parse_args"]
 
@@ -72,9 +78,20 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=None,
         help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy CPU-only machine",
     )
+    parser.add_argument(
+        "--cluster-timeout",
+        type=float,
+        default=ServerConfig.cluster_timeout_s,
+        metavar="SECONDS",
+        help="multi-process only: how long a rank waits for a slow or lost peer before the server gives up",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cluster_timeout <= 0:
+        parser.error("--cluster-timeout must be positive")
+    rank = os.environ.get("RANK", "")
+    where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
     if args.torch_threads is not None:
         if args.torch_threads < 1:
             parser.error("--torch-threads must be at least 1")
@@ -101,25 +118,42 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         limits=Limits(max_sessions=args.max_sessions, max_tokens_per_call=args.max_tokens_per_call),
+        cluster_timeout_s=args.cluster_timeout,
+        heartbeat_s=min(ServerConfig.heartbeat_s, args.cluster_timeout / 3),
     )
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServerConfig, cluster: Cluster | None = None) -> None:
     """Run a server until SIGTERM or SIGINT, then stop it gracefully."""
-    server = TrainerServer(config)
+    server = TrainerServer(config, cluster=cluster)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await server.start()
+    try:
+        await server.start()
+    except ServiceError as exc:  # e.g. another rank failed while the models loaded
+        raise SystemExit(f"trainer-server: cannot start: {exc.message}") from None
     print(f"trainer-server ready on {server.address}", flush=True)
     await stop.wait()
     await server.stop()
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point."""
-    asyncio.run(serve(parse_args(argv)))
+    """Console entry point: serve (rank 0, or a single process), or work for rank 0."""
+    config = parse_args(argv)
+    try:
+        cluster = init_cluster(config.device, config.cluster_timeout_s)
+    except ValueError as exc:
+        raise SystemExit(f"trainer-server: {exc}") from None
+    if cluster.rank == 0:
+        asyncio.run(serve(config, cluster))
+        return
+    try:
+        run_worker(config, cluster)
+    except ClusterFailure as exc:
+        logging.getLogger("trainer_server").error("rank %d stops: %s", cluster.rank, exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

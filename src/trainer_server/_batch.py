@@ -7,6 +7,7 @@ session's state.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from trainer_server._config import Limits
 from trainer_server._errors import invalid_argument, resource_exhausted
 from trainer_server._models import BaseModel
 
-__all__ = ["Batch", "parse_datums"]
+__all__ = ["Batch", "parse_datums", "shard_bounds"]
 
 _INT_DTYPES = (torch.int64, torch.int32)
 
@@ -41,6 +42,15 @@ class Batch:
         """Targets in the whole batch."""
         return sum(self.lengths)
 
+    def select(self, start: int, stop: int) -> Batch:
+        """Datums ``start:stop`` as a batch of their own (a rank's shard)."""
+        return Batch(
+            tokens=self.tokens[start:stop],
+            targets=self.targets[start:stop],
+            weights=self.weights[start:stop],
+            extras=self.extras[start:stop],
+        )
+
     def flat_weights(self) -> torch.Tensor:
         """All weights concatenated, in datum order."""
         return torch.cat(self.weights)
@@ -55,6 +65,34 @@ class Batch:
             if name not in extra:
                 raise invalid_argument(f"datum {i}: loss_fn_inputs[{name!r}] is required by this loss")
         return torch.cat([e[name] for e in self.extras])
+
+
+def shard_bounds(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """Split datums into ``parts`` contiguous ranges with about equal token counts.
+
+    Contiguous ranges keep datum order when the ranks' logprobs are concatenated back.
+    Each cut goes where the running token count is nearest to its ideal share, so a long
+    datum does not pile everything after it onto one rank. A batch with fewer datums than
+    parts leaves the last ranges empty.
+
+    Returns:
+        ``parts`` ``(start, stop)`` datum index ranges covering ``range(len(lengths))``.
+    """
+    total = sum(lengths)
+    cuts = [0]
+    running = 0
+    i = 0
+    for part in range(1, parts):
+        ideal = total * part / parts
+        while i < len(lengths) and abs(running + lengths[i] - ideal) <= abs(running - ideal):
+            running += lengths[i]
+            i += 1
+        if i == cuts[-1] and i < len(lengths):  # never leave a rank empty while datums remain
+            running += lengths[i]
+            i += 1
+        cuts.append(i)
+    cuts.append(len(lengths))
+    return list(itertools.pairwise(cuts))
 
 
 def _decode(msg: pb.TensorData, field: str, max_bytes: int) -> torch.Tensor:

@@ -76,6 +76,10 @@ class ServerConfig:
             off. Sessions and checkpoints belong to the key that made them.
         tls_cert: PEM server certificate (chain); with ``tls_key``, serve TLS only.
         tls_key: PEM private key of ``tls_cert``.
+        heartbeat_s: in a multi-process server, rank 0 pings the other ranks this
+            often, so idle ranks stay in their collectives and a lost rank is noticed.
+        cluster_timeout_s: in a multi-process server, how long a rank waits in a
+            collective (for a slow or lost peer) before the server gives up on it.
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -91,6 +95,8 @@ class ServerConfig:
     api_keys: frozenset[str] = frozenset()
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    heartbeat_s: float = 10.0
+    cluster_timeout_s: float = 1800.0
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -99,5 +105,7 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("ServerConfig.tls_cert and tls_key go together: set both or neither")
+        if not 0 < self.heartbeat_s < self.cluster_timeout_s:
+            raise ValueError("ServerConfig.heartbeat_s must be positive and below cluster_timeout_s")
         if self.sequence_gap_timeout_s <= 0:
             raise ValueError("ServerConfig.sequence_gap_timeout_s must be positive")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 import grpc
@@ -148,6 +149,27 @@ class SessionModel:
     def backward(self, logprobs: torch.Tensor, grad_output: torch.Tensor) -> None:
         """Finish the backward pass from d_loss/d_logprobs; gradients accumulate."""
         torch.autograd.backward(logprobs, grad_output.to(device=logprobs.device, dtype=logprobs.dtype))
+
+    def sum_gradients(self, all_reduce_sum_: Callable[[torch.Tensor], None]) -> None:
+        """Replace each rank's gradients by their sum over the ranks (before a step).
+
+        A parameter keeps ``grad=None`` only when no rank has a gradient for it, so AdamW
+        skips exactly the parameters a single process would skip. Gradients travel as one
+        flat buffer per dtype: two collectives per step, whatever the parameter count.
+        """
+        present = torch.tensor([p.grad is not None for p in self.params], dtype=torch.float32, device=self.device)
+        all_reduce_sum_(present)
+        touched = [p for p, n in zip(self.params, present.tolist(), strict=True) if n > 0]
+        by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+        for p in touched:
+            by_dtype.setdefault(p.dtype, []).append(p)
+        for params in by_dtype.values():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            all_reduce_sum_(flat)
+            offset = 0
+            for p in params:
+                p.grad = flat[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
 
     def optim_step(self, settings: AdamSettings) -> tuple[int, float]:
         """Apply AdamW to the accumulated gradients, clear them; return (step, grad norm).

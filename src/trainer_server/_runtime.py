@@ -1,17 +1,23 @@
-"""The server's shared state: models, sessions, and the device thread.
+"""The server's shared state: models, sessions, the device thread and the other ranks.
 
-All model work goes through :meth:`Runtime.on_device`, which runs it on one dedicated
-thread. That keeps torch off the event loop (the loop keeps serving health checks,
-streams and other sessions) and serialises device work, so session states are never
-touched by two threads at once.
+All model work runs on one dedicated thread (:meth:`Runtime.on_device`). That keeps torch
+off the event loop (the loop keeps serving health checks, streams and other sessions) and
+serialises device work, so session states are never touched by two threads at once.
+
+Work that changes a session's model (create, forward, backward, optimizer step, resume,
+close) goes through :meth:`Runtime.run_op` as an :mod:`~trainer_server._ops` operation,
+which every rank of a multi-process server runs in the same order. Work that only reads
+the model (checkpoint saves, sampling) runs on rank 0's replica alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,15 +27,17 @@ import grpc
 import torch
 
 from trainer_proto import pb
-from trainer_server import _export
+from trainer_server import _export, _ops
+from trainer_server._batch import Batch
 from trainer_server._checkpoints import CheckpointStore, Manifest
 from trainer_server._checkpoints import now as _now
+from trainer_server._cluster import Cluster, ClusterFailure, pick_device
 from trainer_server._config import ServerConfig
-from trainer_server._engine import SessionModel
+from trainer_server._engine import AdamSettings, SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found
-from trainer_server._losses import LOSSES
+from trainer_server._losses import LOSSES, LossResult
 from trainer_server._models import BaseModel, load_base_model
-from trainer_server._sessions import SequencedCall, Session, SessionRegistry
+from trainer_server._sessions import SequencedCall, Session, SessionRegistry, new_session_id
 from trainer_server.builtin_models import trainer_home
 
 __all__ = ["CAPABILITIES", "Runtime", "server_version"]
@@ -65,21 +73,34 @@ def server_version() -> str:
         return "0+unknown"
 
 
-def pick_device(requested: str | None) -> torch.device:
-    """The configured device, or CUDA when available, else CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LossFn = Callable[[torch.Tensor, Batch, dict[str, float]], LossResult]
 
 
 class Runtime:
-    """Models, sessions and the device executor of one server."""
+    """Models, sessions, the device executor and the ranks of one server.
 
-    def __init__(self, config: ServerConfig, model_paths: dict[str, Path]) -> None:
+    Args:
+        config: the server's configuration.
+        model_paths: the base models to load, by name.
+        cluster: this process's place among the server's processes (rank 0 of a
+            multi-process server); None for a single process.
+    """
+
+    def __init__(self, config: ServerConfig, model_paths: dict[str, Path], cluster: Cluster | None = None) -> None:
         self.config = config
         self.model_paths = model_paths
-        self.device = pick_device(config.device)
+        self.cluster = cluster or Cluster(device=pick_device(config.device))
+        self.device = self.cluster.device
         self.models: dict[str, BaseModel] = {}
+        self.engine = _ops.Engine(self.cluster, self.models)
+        self.devices: list[str] = [str(self.device)]
+        """Every rank's device, in rank order."""
+        self.broken = ""
+        """Why the ranks can no longer train together ("" while they can)."""
+        self.on_broken: Callable[[], Awaitable[None]] | None = None
+        """Called once when the ranks break (the server sets health NOT_SERVING)."""
+        self._handles = itertools.count(1)
+        self._heartbeat: asyncio.Task[None] | None = None
         limits = config.limits
         self.sessions = SessionRegistry(
             limits.max_sessions,
@@ -100,19 +121,138 @@ class Runtime:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    async def run_op(self, op: _ops.Op) -> Any:
+        """Run an operation on every rank (on the device thread); see :meth:`_ops.Engine.run`.
+
+        Raises:
+            ServiceError: the operation's error; UNAVAILABLE once a rank is lost.
+        """
+        self._check_ready(loading_ok=isinstance(op, _ops.Hello))
+        try:
+            return await self.on_device(self.engine.run, op)
+        except ClusterFailure as exc:
+            await self._break(str(exc))
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, self.broken) from None
+
+    async def _break(self, why: str) -> None:
+        if self.broken:
+            return
+        self.broken = f"the server lost one of its {self.cluster.world_size} processes and must be restarted ({why})"
+        log.error("%s", self.broken)
+        if self.on_broken is not None:
+            await self.on_broken()
+
     async def load_models(self) -> None:
-        """Load every configured base model (on the device thread)."""
+        """Load every configured base model (on the device thread) and meet the other ranks."""
         for name, path in self.model_paths.items():
             self.models[name] = await self.on_device(load_base_model, name, path, self.device, self.config.dtype)
+        hello = await self.run_op(_ops.Hello())
+        self.devices = [device for device, _ in hello]
+        if self.cluster.distributed:
+            log.info(
+                "%d ranks (%s): %s",
+                self.cluster.world_size,
+                self.cluster.mode,
+                ", ".join(f"{d} pid {p}" for d, p in hello),
+            )
+            self._heartbeat = asyncio.create_task(self._beat(), name="trainer-heartbeat")
         self.ready = True
 
-    def shutdown(self) -> None:
-        """Stop the device thread after the work already queued."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+    async def _beat(self) -> None:
+        """Ping the ranks while idle: keeps their collectives alive and notices a lost rank."""
+        with contextlib.suppress(ServiceError):
+            while not self.broken:
+                await asyncio.sleep(self.config.heartbeat_s)
+                await self.run_op(_ops.Ping())
 
-    def _check_ready(self) -> None:
-        if not self.ready:
+    async def shutdown(self) -> None:
+        """Stop the other ranks and the device thread after the work already queued."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+        if self.cluster.distributed and not self.broken:
+            with contextlib.suppress(ServiceError):
+                await self.run_op(_ops.Shutdown())
+        self.ready = False
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        if not self.broken:
+            self.cluster.close()
+
+    def _check_ready(self, *, loading_ok: bool = False) -> None:
+        if self.broken:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, self.broken)
+        if not self.ready and not loading_ok:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the server is still loading its models; retry shortly")
+
+    # ---- training operations (every rank) ------------------------------------------------
+
+    async def forward(self, session: Session, batch: Batch) -> torch.Tensor:
+        """Logprobs of the batch's targets on the session's current weights (float32, CPU)."""
+        parts = await self.run_op(_ops.Forward(session.id, batch, grad=False))
+        return _concat(parts)
+
+    async def forward_held(self, session: Session, batch: Batch) -> tuple[int, torch.Tensor]:
+        """A forward whose graph is kept for :meth:`backward`; returns its handle and logprobs.
+
+        The caller must follow with :meth:`backward` or :meth:`release` for the handle.
+        """
+        handle = next(self._handles)
+        try:
+            parts = await self.run_op(_ops.Forward(session.id, batch, grad=True, handle=handle))
+        except ServiceError:
+            self.release(handle)
+            raise
+        return handle, _concat(parts)
+
+    async def backward(self, session: Session, handle: int, grad: torch.Tensor) -> None:
+        """Finish the backward of a held forward with d_loss/d_logprobs."""
+        await self.run_op(_ops.Backward(session.id, handle, grad))
+
+    def release(self, handle: int) -> None:
+        """Drop a held forward's graph on every rank, without waiting (safe in ``finally``).
+
+        The device thread runs work in order, so the release happens before anything
+        submitted after it.
+        """
+        if handle in self.engine.held and not self.broken:
+            self._executor.submit(self._release, handle)
+
+    def _release(self, handle: int) -> None:
+        try:
+            self.engine.run(_ops.Release(handle))
+        except Exception as exc:  # nobody awaits a release; a lost rank is noticed by the next op
+            log.warning("releasing forward %d failed: %s", handle, exc)
+
+    async def forward_backward(
+        self, session: Session, batch: Batch, loss_fn: LossFn, config: dict[str, float]
+    ) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """A built-in loss: forward on every rank, the loss on rank 0, backward on every rank.
+
+        The loss runs on the gathered logprobs, so its value and metrics are those of the
+        whole batch whatever the number of ranks; its gradient w.r.t. the logprobs is sent
+        back like a client's custom-loss gradient.
+
+        Raises:
+            ServiceError: INVALID_ARGUMENT when the loss is not finite (nothing is applied).
+        """
+        handle, logprobs = await self.forward_held(session, batch)
+        try:
+            leaf = logprobs.detach().requires_grad_(True)
+            loss, metrics = loss_fn(leaf, batch, config)
+            if not bool(torch.isfinite(loss)):
+                raise invalid_argument(f"{loss_fn.__name__} loss is {float(loss)}; nothing was applied")
+            (grad,) = torch.autograd.grad(loss, leaf)
+        except BaseException:
+            self.release(handle)
+            raise
+        await self.backward(session, handle, grad)
+        return logprobs, float(loss.detach()), metrics
+
+    async def optim_step(self, session: Session, settings: AdamSettings) -> tuple[int, float]:
+        """Sum the ranks' gradients and apply AdamW; returns (step, gradient norm)."""
+        step, norm = await self.run_op(_ops.OptimStep(session.id, settings))
+        return int(step), float(norm)
 
     def model(self, name: str) -> BaseModel:
         """A served base model by name.
@@ -160,11 +300,14 @@ class Runtime:
             if lora.alpha < 0:
                 raise invalid_argument(f"lora.alpha must be >= 0 (0 means alpha = rank), got {lora.alpha}")
         self.sessions.check_capacity(owner)
+        session_id = new_session_id()
+        op = _ops.CreateSession(session_id, base.name, None if lora is None else lora.SerializeToString(), request.seed)
         try:
-            state = await self.on_device(SessionModel, base, lora, request.seed)
+            await self.run_op(op)
         except ValueError as exc:  # peft rejects target modules that do not exist
             raise invalid_argument(f"cannot build the session: {exc}") from None
-        session = self.sessions.add(base, state, owner)
+        state = self.engine.sessions[session_id]
+        session = self.sessions.add(base, state, owner, session_id=session_id)
         log.info(
             "session %s created on %r (%s, %d trainable parameters)",
             session.id,
@@ -192,15 +335,9 @@ class Runtime:
         self.sessions.check_capacity(owner)
         directory = store.path(manifest.name)
         await asyncio.to_thread(store.verify, manifest.name)
-        info, lora = _export.read_state_info(directory)
-
-        def build() -> SessionModel:
-            state = SessionModel(base, lora, int(info["seed"]))
-            _export.load_state(state, directory, info)
-            state.last_base = str(info.get("last_base", ""))
-            return state
-
-        session = self.sessions.add(base, await self.on_device(build), owner)
+        session_id = new_session_id()
+        await self.run_op(_ops.ResumeSession(session_id, base.name, str(directory.resolve())))
+        session = self.sessions.add(base, self.engine.sessions[session_id], owner, session_id=session_id)
         log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
         return session
 
@@ -321,6 +458,7 @@ class Runtime:
     async def close_session(self, session: Session) -> None:
         """Close a session and free its memory."""
         await self.sessions.close(session)
+        await self.run_op(_ops.CloseSession(session.id))
         log.info("session %s closed after %d optimizer steps", session.id, session.state.step)
         if self.device.type == "cuda":
             await self.on_device(torch.cuda.empty_cache)
@@ -333,8 +471,9 @@ class Runtime:
         info = pb.GetServerInfoResponse(
             version=server_version(),
             models=[m.info() for m in self.models.values()],
-            devices=[str(self.device)],
-            world_size=1,
+            devices=self.devices,
+            world_size=self.cluster.world_size,
+            distributed_mode=self.cluster.mode,
             limits=pb.Limits(
                 max_tokens_per_call=limits.max_tokens_per_call,
                 max_datums_per_call=limits.max_datums_per_call,
@@ -348,3 +487,8 @@ class Runtime:
         if self.ready:  # models and limits never change once loaded: build the reply once
             self._server_info = info
         return info
+
+
+def _concat(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The ranks' logprobs in rank (and so datum) order."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -24,18 +24,21 @@ from grpc_reflection.v1alpha import reflection
 
 from trainer_proto import options, pb, pb_grpc
 from trainer_server._auth import ApiKeyInterceptor
+from trainer_server._cluster import Cluster
 from trainer_server._config import ServerConfig
+from trainer_server._ops import serve_worker
 from trainer_server._runtime import Runtime
 from trainer_server._servicer import TrainerServicer
 
-__all__ = ["SERVICE_NAME", "TrainerServer"]
+__all__ = ["SERVICE_NAME", "TrainerServer", "model_paths", "run_worker"]
 
 log = logging.getLogger("trainer_server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-def _model_paths(config: ServerConfig) -> dict[str, Path]:
+def model_paths(config: ServerConfig) -> dict[str, Path]:
+    """The base models a config serves, by name: its own, or the built-in one (built on first use)."""
     if config.models:
         return dict(config.models)
     from trainer_server.builtin_models import BUILTIN_MODEL_NAME, ensure_builtin_model
@@ -43,15 +46,36 @@ def _model_paths(config: ServerConfig) -> dict[str, Path]:
     return {BUILTIN_MODEL_NAME: ensure_builtin_model()}
 
 
+def run_worker(config: ServerConfig, cluster: Cluster) -> None:
+    """Be rank ``cluster.rank`` > 0 of a multi-process server until rank 0 stops.
+
+    Loads the same models as rank 0 and runs every training operation rank 0 hands out,
+    on this rank's shard of each batch. Blocking; call it from the main thread.
+
+    Raises:
+        ClusterFailure: rank 0 (or another rank) is gone.
+    """
+    if cluster.rank == 0:
+        raise ValueError("rank 0 serves gRPC with TrainerServer(config, cluster=cluster)")
+    serve_worker(cluster, model_paths(config), config.dtype)
+    cluster.close()
+
+
 class TrainerServer:
     """A training server: start it, use :attr:`address`, stop it.
 
     Args:
         config: what to serve and how; the default serves the built-in tiny model.
+        cluster: this process's place among the server's processes, when it is rank 0
+            of a multi-process server (see :func:`trainer_server.init_cluster`); None
+            for a single process.
     """
 
-    def __init__(self, config: ServerConfig | None = None) -> None:
+    def __init__(self, config: ServerConfig | None = None, *, cluster: Cluster | None = None) -> None:
         self.config = config or ServerConfig()
+        self.cluster = cluster
+        if cluster is not None and cluster.rank != 0:
+            raise ValueError(f"only rank 0 serves gRPC; rank {cluster.rank} runs serve_worker()")
         self.runtime: Runtime | None = None
         self.servicer: TrainerServicer | None = None
         self._server: grpc.aio.Server | None = None
@@ -80,7 +104,8 @@ class TrainerServer:
         if self._server is not None:
             raise RuntimeError("the server is already started")
         limits = self.config.limits
-        self.runtime = Runtime(self.config, await asyncio.to_thread(_model_paths, self.config))
+        self.runtime = Runtime(self.config, await asyncio.to_thread(model_paths, self.config), self.cluster)
+        self.runtime.on_broken = lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.servicer = TrainerServicer(self.runtime)
         server = grpc.aio.server(
             interceptors=[ApiKeyInterceptor(self.config.api_keys)] if self.config.api_keys else None,
@@ -115,7 +140,11 @@ class TrainerServer:
             " with TLS" if self.config.tls_cert else "",
             f", {len(self.config.api_keys)} API keys" if self.config.api_keys else ", no API keys (auth off)",
         )
-        await self.runtime.load_models()
+        try:
+            await self.runtime.load_models()
+        except BaseException:
+            await self.stop(0)
+            raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.runtime.models), self.address)
 
@@ -129,7 +158,7 @@ class TrainerServer:
         await self._server.stop(grace)
         self._server = None
         if self.runtime is not None:
-            await asyncio.to_thread(self.runtime.shutdown)
+            await self.runtime.shutdown()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:

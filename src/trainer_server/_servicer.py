@@ -13,7 +13,6 @@ import contextlib
 import functools
 import hashlib
 import logging
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -141,8 +140,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.held_graphs: weakref.WeakSet[torch.Tensor] = weakref.WeakSet()
-        """Logprob tensors whose autograd graph is alive (custom calls waiting for gradients)."""
+
+    @property
+    def held_graphs(self) -> dict[int, Any]:
+        """Forward graphs kept alive for a gradient still to come, by handle (rank 0's view)."""
+        return self.runtime.engine.held
 
     def _owner(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The caller's owner id ("" when auth is off)."""
@@ -309,7 +311,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 dtype = _logprobs_dtype(start.logprobs_dtype)
                 batch = await self._parse(datums, session)
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-                logprobs = await self.runtime.on_device(session.state.logprobs, batch, grad=False)
+                logprobs = await self.runtime.forward(session, batch)
                 responses = self._logprobs_messages(pb.ForwardResponse, logprobs, batch.lengths, dtype)
                 responses.append(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
                 session.record(call.seq, hasher.digest(), responses)
@@ -332,16 +334,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 config = dict(start.loss_fn_config)
                 validate_loss(start.loss_fn, batch, config)  # refused before its turn, with no model work
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-
-                def run() -> tuple[torch.Tensor, float, dict[str, float]]:
-                    logprobs = session.state.logprobs(batch, grad=True)
-                    loss, metrics = loss_fn(logprobs, batch, config)
-                    if not bool(torch.isfinite(loss)):
-                        raise invalid_argument(f"{start.loss_fn} loss is {float(loss)}; nothing was applied")
-                    session.state.backward(loss, torch.ones_like(loss))
-                    return logprobs.detach(), float(loss.detach()), metrics
-
-                logprobs, loss, metrics = await self.runtime.on_device(run)
+                logprobs, loss, metrics = await self.runtime.forward_backward(session, batch, loss_fn, config)
                 responses = []
                 if start.return_logprobs:
                     responses = self._logprobs_messages(pb.ForwardBackwardResponse, logprobs, batch.lengths, dtype)
@@ -379,16 +372,15 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             batch = await self._parse(datums, session)
             request_fingerprint = hasher.digest()
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-            logprobs: torch.Tensor | None = await self.runtime.on_device(session.state.logprobs, batch, grad=True)
-            assert logprobs is not None
-            self.held_graphs.add(logprobs)
+            handle, logprobs = await self.runtime.forward_held(session, batch)
             try:
                 responses = self._logprobs_messages(pb.ForwardBackwardCustomResponse, logprobs, batch.lengths, dtype)
                 await self._write_all(context, responses)
                 grad = await self._read_gradient(context, batch.lengths, hasher)
-                await self.runtime.on_device(session.state.backward, logprobs, grad)
-            finally:
-                logprobs = None  # drop the graph now, even while an exception holds this frame
+            except BaseException:
+                self.runtime.release(handle)  # drop the graph on every rank; nothing is applied
+                raise
+            await self.runtime.backward(session, handle, grad)
             result = pb.ForwardBackwardCustomResponse(
                 result=pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
             )
@@ -404,7 +396,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         async def run(session: Session, call: SequencedCall) -> pb.OptimStepResponse:
             settings = AdamSettings(request.adam_params)
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-            step, norm = await self.runtime.on_device(session.state.optim_step, settings)
+            step, norm = await self.runtime.optim_step(session, settings)
             return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
 
         return await self._sequenced_unary("OptimStep", request, context, run)

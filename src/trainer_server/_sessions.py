@@ -30,7 +30,15 @@ from trainer_server._engine import SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found, resource_exhausted
 from trainer_server._models import BaseModel
 
-__all__ = ["MAX_SEQ_LOOKAHEAD", "MAX_STORED_OUTCOMES", "Outcome", "SequencedCall", "Session", "SessionRegistry"]
+__all__ = [
+    "MAX_SEQ_LOOKAHEAD",
+    "MAX_STORED_OUTCOMES",
+    "Outcome",
+    "SequencedCall",
+    "Session",
+    "SessionRegistry",
+    "new_session_id",
+]
 
 MAX_SEQ_LOOKAHEAD = 1024
 """A call may carry at most this many numbers past the next expected one (a huge number would
@@ -222,6 +230,11 @@ class SequencedCall:
         self.had_turn = True
 
 
+def new_session_id() -> str:
+    """A fresh, unguessable session id."""
+    return f"s-{uuid.uuid4().hex[:16]}"
+
+
 class SessionRegistry:
     """All open sessions, by id."""
 
@@ -247,10 +260,11 @@ class SessionRegistry:
                 "close one first"
             )
 
-    def add(self, base: BaseModel, state: SessionModel, owner: str = "") -> Session:
-        """Register a new session of ``owner`` under a fresh id."""
+    def add(self, base: BaseModel, state: SessionModel, owner: str = "", *, session_id: str = "") -> Session:
+        """Register a new session of ``owner`` (under a fresh id unless one is given)."""
         self.check_capacity(owner)
-        session = Session(f"s-{uuid.uuid4().hex[:16]}", base, state, owner=owner, max_inflight=self.max_inflight)
+        session_id = session_id or new_session_id()
+        session = Session(session_id, base, state, owner=owner, max_inflight=self.max_inflight)
         self._sessions[session.id] = session
         return session
 

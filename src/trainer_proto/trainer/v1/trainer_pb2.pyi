@@ -460,12 +460,18 @@ class GetServerInfoResponse(_message.Message):
     LIMITS_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     LOSS_FUNCTIONS_FIELD_NUMBER: _builtins.int
+    DISTRIBUTED_MODE_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     world_size: _builtins.int
+    """world_size is the number of processes the model runs on (1 unless launched by accelerate)."""
+    distributed_mode: _builtins.str
+    """distributed_mode is "single", or accelerate's distributed type ("MULTI_GPU", "MULTI_CPU")."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
     @_builtins.property
-    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def devices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """devices lists every process's device, in rank order."""
+
     @_builtins.property
     def limits(self) -> Global___Limits: ...
     @_builtins.property
@@ -482,10 +488,11 @@ class GetServerInfoResponse(_message.Message):
         limits: Global___Limits | None = ...,
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         loss_functions: _abc.Iterable[_builtins.str] | None = ...,
+        distributed_mode: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "devices", b"devices", "limits", b"limits", "loss_functions", b"loss_functions", "models", b"models", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "devices", b"devices", "distributed_mode", b"distributed_mode", "limits", b"limits", "loss_functions", b"loss_functions", "models", b"models", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""GPU check and benchmark: the service in bf16 on CUDA through ``accelerate launch``.
+
+On a machine with NVIDIA GPUs this builds a Llama-style model locally (random weights,
+nothing downloaded), serves it with ``accelerate launch --num_processes N -m trainer_server
+--dtype bfloat16`` for N = 1 and N = all GPUs, drives a few training steps through the
+client (forward_backward with the built-in loss, then optim_step), and prints one table:
+tokens/s, step time and peak GPU memory per process, side by side. On a machine without
+CUDA it says so and exits 0, so it is safe to run anywhere::
+
+    python scripts/bench_gpu.py                        # ~125M params, 8 x 512 tokens, LoRA r32
+    python scripts/bench_gpu.py --full --steps 10      # full fine-tune
+    python scripts/bench_gpu.py --processes 1,2,4 --hidden 1024 --layers 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class GpuMemory:
+    """Peak memory of the server's processes, polled from ``nvidia-smi`` (MiB per pid)."""
+
+    def __init__(self) -> None:
+        self.peak: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> GpuMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                    check=False,
+                    capture_output=True,
+                    text=True,
+                    timeout=10,
+                ).stdout
+            except (OSError, subprocess.TimeoutExpired):
+                return
+            for line in out.splitlines():
+                pid, _, mib = line.partition(",")
+                if pid.strip().isdigit() and mib.strip().isdigit():
+                    self.peak[int(pid)] = max(self.peak.get(int(pid), 0), int(mib))
+            self._stop.wait(0.2)
+
+
+def launch(model_dir: Path, processes: int) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """Start the server under accelerate on ``processes`` GPUs; returns it, its address, its log."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        *(["--multi_gpu"] if processes > 1 else []),
+        "-m",
+        "trainer_server",
+        "--model",
+        f"bench={model_dir}",
+        "--dtype",
+        "bfloat16",
+        "--port",
+        "0",
+        "--max-tokens-per-call",
+        str(1 << 20),
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
+    lines: list[str] = []
+    address: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.match(r"trainer-server ready on (\S+)", line)
+            if m:
+                address.append(m.group(1))
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    ready.wait(600)
+    if not address:
+        proc.kill()
+        raise SystemExit("the server did not start:\n" + "".join(lines[-40:]))
+    return proc, address[0], lines
+
+
+async def drive(address: str, args: argparse.Namespace) -> tuple[list[float], int, dict[str, object]]:
+    """Warm-up step, then timed steps; returns step times, tokens per step and server info."""
+    from trainer_client import AdamParams, AsyncServiceClient, Datum
+
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(args.batch):
+        tokens = torch.randint(3, args.vocab, (args.seq + 1,), generator=g).tolist()
+        batch.append(Datum.from_tokens(tokens[: args.seq // 4], tokens[args.seq // 4 :]))
+    num_tokens = sum(len(d) for d in batch)
+    async with AsyncServiceClient(address) as service:
+        info = await service.get_server_info()
+        tc = await service.create_training_client("bench", lora_rank=None if args.full else args.lora_rank, seed=0)
+        times = []
+        for step in range(args.steps + 1):
+            started = time.perf_counter()
+            await tc.forward_backward(batch, "cross_entropy")
+            await tc.optim_step(AdamParams(learning_rate=1e-5))
+            if step:  # the first step warms up kernels and allocators
+                times.append(time.perf_counter() - started)
+        await tc.close()
+    return times, num_tokens, {"world_size": info.world_size, "devices": info.devices, "mode": info.distributed_mode}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--processes", default="", help="comma-separated process counts (default: 1 and all GPUs)")
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8, help="datums per forward_backward (split over the ranks)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / ".cache" / "bench-gpu-models")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_gpu: no CUDA GPU on this machine; nothing to measure (skipped).")
+        return
+    gpus = torch.cuda.device_count()
+    counts = sorted({int(c) for c in args.processes.split(",") if c} or {1, gpus})
+    if max(counts) > gpus:
+        raise SystemExit(f"--processes {max(counts)} needs that many GPUs; this machine has {gpus}")
+    from trainer_server import build_tiny_model
+
+    model_dir = args.models_dir / f"llama-h{args.hidden}-l{args.layers}-v{args.vocab}"
+    if not (model_dir / "model.safetensors").is_file():
+        print(f"building the model in {model_dir} ...", flush=True)
+        build_tiny_model(
+            model_dir,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            num_heads=max(1, args.hidden // 64),
+            vocab_size=args.vocab,
+            max_position_embeddings=args.seq + 1,
+        )
+    rows = []
+    for n in counts:
+        proc, address, _log = launch(model_dir, n)
+        try:
+            with GpuMemory() as memory:
+                times, num_tokens, info = asyncio.run(drive(address, args))
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        step = statistics.median(times)
+        peak = max(memory.peak.values(), default=0)
+        rows.append((n, info, num_tokens, step, num_tokens / step, peak))
+    name = torch.cuda.get_device_name(0)
+    mode = "full fine-tune" if args.full else f"LoRA r{args.lora_rank}"
+    print(f"\n{time.strftime('%Y-%m-%d')} on {gpus} x {name}; bf16; {mode}; model h{args.hidden} l{args.layers}")
+    print(f"batch {args.batch} x {args.seq} tokens; median of {args.steps} steps after one warm-up\n")
+    print("| processes | mode | tokens/step | step s | tokens/s | vs 1 process | peak GPU MiB per process |")
+    print("|---|---|---|---|---|---|---|")
+    base = rows[0][4]
+    for n, info, num_tokens, step, tps, peak in rows:
+        print(f"| {n} | {info['mode']} | {num_tokens} | {step:.3f} | {tps:,.0f} | {tps / base:.2f}x | {peak:,} |")
+
+
+if __name__ == "__main__":
+    main()

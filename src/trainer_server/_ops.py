@@ -1,0 +1,265 @@
+"""Training operations that every rank runs in the same order, and the worker loop.
+
+Rank 0 turns each model-changing request into an :class:`Op` and hands it to
+:meth:`Engine.run` on its device thread: the op is broadcast to the other ranks (which
+wait in :func:`serve_worker`), and then every rank executes it. A rank works on its shard
+of the batch (contiguous datums, balanced by tokens); per-rank results are gathered to
+rank 0; an optimizer step first sums the ranks' gradients. The ranks' model replicas start
+identical and receive identical updates, so rank 0's copy is the model: checkpoints,
+sampling and GetServerInfo read it alone.
+
+With one process the same code runs with no communication, so there is one code path.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import torch
+
+from trainer_proto import pb
+from trainer_server import _export
+from trainer_server._batch import Batch, shard_bounds
+from trainer_server._cluster import Cluster, ClusterFailure
+from trainer_server._engine import AdamSettings, SessionModel
+from trainer_server._errors import ServiceError
+from trainer_server._models import BaseModel, load_base_model
+
+__all__ = [
+    "Backward",
+    "CloseSession",
+    "CreateSession",
+    "Engine",
+    "Forward",
+    "Hello",
+    "OptimStep",
+    "Ping",
+    "Release",
+    "ResumeSession",
+    "Shutdown",
+    "serve_worker",
+]
+
+log = logging.getLogger("trainer_server.ops")
+
+
+@dataclass(frozen=True)
+class Op:
+    """An operation every rank runs."""
+
+
+@dataclass(frozen=True)
+class Hello(Op):
+    """Report each rank's device and pid (once, at start)."""
+
+
+@dataclass(frozen=True)
+class Ping(Op):
+    """Nothing: keeps idle ranks' collectives alive and notices a lost rank."""
+
+
+@dataclass(frozen=True)
+class Shutdown(Op):
+    """Workers leave their loop and the process group."""
+
+
+@dataclass(frozen=True)
+class CreateSession(Op):
+    """Build a session's model on every rank (LoRA adapters are seeded identically)."""
+
+    session_id: str
+    base_model: str
+    lora: bytes | None  # a serialised pb.LoraConfig
+    seed: int
+
+
+@dataclass(frozen=True)
+class ResumeSession(Op):
+    """Build a session on every rank from a STATE checkpoint directory (shared storage)."""
+
+    session_id: str
+    base_model: str
+    directory: str
+
+
+@dataclass(frozen=True)
+class CloseSession(Op):
+    """Drop a session everywhere."""
+
+    session_id: str
+
+
+@dataclass(frozen=True)
+class Forward(Op):
+    """Logprobs of the batch; with ``grad``, each rank keeps its graph under ``handle``."""
+
+    session_id: str
+    batch: Batch
+    grad: bool
+    handle: int = 0
+
+
+@dataclass(frozen=True)
+class Backward(Op):
+    """Finish the backward of a held forward; each rank takes its slice of ``grad``."""
+
+    session_id: str
+    handle: int
+    grad: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Release(Op):
+    """Drop a held forward graph without a backward (the call failed or was cancelled)."""
+
+    handle: int
+
+
+@dataclass(frozen=True)
+class OptimStep(Op):
+    """Sum gradients over the ranks, then AdamW on each (identical) replica."""
+
+    session_id: str
+    settings: AdamSettings
+
+
+@dataclass
+class _Held:
+    """One rank's part of a forward whose backward is still to come."""
+
+    logprobs: torch.Tensor | None  # None when this rank's shard was empty
+    start: int  # the shard's first target in the whole batch
+    stop: int
+
+
+class Engine:
+    """The model work of one process: its base models, its session replicas, held graphs.
+
+    Args:
+        cluster: this process's place among the server's processes.
+        models: the loaded base models, by name.
+    """
+
+    def __init__(self, cluster: Cluster, models: dict[str, BaseModel]) -> None:
+        self.cluster = cluster
+        self.models = models
+        self.sessions: dict[str, SessionModel] = {}
+        self.held: dict[int, _Held] = {}
+        """Forward graphs waiting for their gradient, by handle."""
+
+    # ---- rank 0 ----------------------------------------------------------------------
+
+    def run(self, op: Op) -> Any:
+        """Hand ``op`` to every rank and run it here (rank 0, device thread only).
+
+        Raises:
+            ServiceError: the error rank 0 raised, else INTERNAL naming a worker's failure.
+            ClusterFailure: a collective failed; the ranks are no longer in step.
+        """
+        self.cluster.broadcast(op)
+        return self._execute(op)
+
+    # ---- every rank -------------------------------------------------------------------
+
+    def _execute(self, op: Op) -> Any:
+        """Run ``op`` here, then gather every rank's outcome to rank 0 and combine it."""
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            result = getattr(self, f"_{type(op).__name__}")(op)
+        except ClusterFailure:
+            raise
+        except Exception as exc:  # reported to rank 0 below; a worker must keep serving
+            error = exc
+        outcomes = self.cluster.gather((result, None if error is None else f"{type(error).__name__}: {error}"))
+        if self.cluster.rank != 0:
+            if error is not None and not isinstance(error, ServiceError):
+                log.error("rank %d: %s failed: %s", self.cluster.rank, type(op).__name__, error)
+            return None
+        if error is not None:
+            raise error
+        for rank, (_, problem) in enumerate(outcomes):
+            if problem is not None:
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"rank {rank} failed in {type(op).__name__}: {problem}")
+        if isinstance(op, Forward | Hello):
+            return [r for r, _ in outcomes]
+        return result
+
+    def _session(self, session_id: str) -> SessionModel:
+        return self.sessions[session_id]
+
+    def _Hello(self, op: Hello) -> tuple[str, int]:
+        return str(self.cluster.device), os.getpid()
+
+    def _Ping(self, op: Ping) -> None:
+        return None
+
+    def _Shutdown(self, op: Shutdown) -> None:
+        return None
+
+    def _CreateSession(self, op: CreateSession) -> tuple[int, int]:
+        lora = None if op.lora is None else pb.LoraConfig.FromString(op.lora)
+        state = SessionModel(self.models[op.base_model], lora, op.seed)
+        self.sessions[op.session_id] = state
+        return state.num_trainable, state.num_total
+
+    def _ResumeSession(self, op: ResumeSession) -> None:
+        directory = Path(op.directory)
+        info, lora = _export.read_state_info(directory)
+        state = SessionModel(self.models[op.base_model], lora, int(info["seed"]))
+        _export.load_state(state, directory, info)
+        state.last_base = str(info.get("last_base", ""))
+        self.sessions[op.session_id] = state
+
+    def _CloseSession(self, op: CloseSession) -> None:
+        self.sessions.pop(op.session_id, None)
+        gc.collect()  # peft models hold reference cycles; free the replica now, not at some later collection
+
+    def _Forward(self, op: Forward) -> torch.Tensor:
+        state = self._session(op.session_id)
+        lengths = op.batch.lengths
+        start, stop = shard_bounds(lengths, self.cluster.world_size)[self.cluster.rank]
+        first, last = sum(lengths[:start]), sum(lengths[:stop])
+        logprobs = state.logprobs(op.batch.select(start, stop), grad=op.grad) if stop > start else None
+        if op.grad:
+            self.held[op.handle] = _Held(logprobs, first, last)
+        if logprobs is None:
+            return torch.zeros(0, dtype=torch.float32)
+        return logprobs.detach().to("cpu") if self.cluster.distributed else logprobs.detach()
+
+    def _Backward(self, op: Backward) -> None:
+        held = self.held.pop(op.handle)
+        if held.logprobs is not None:
+            self._session(op.session_id).backward(held.logprobs, op.grad[held.start : held.stop])
+
+    def _Release(self, op: Release) -> None:
+        self.held.pop(op.handle, None)
+
+    def _OptimStep(self, op: OptimStep) -> tuple[int, float]:
+        state = self._session(op.session_id)
+        if self.cluster.distributed:
+            state.sum_gradients(self.cluster.all_reduce_sum_)
+        return state.optim_step(op.settings)
+
+
+def serve_worker(cluster: Cluster, model_paths: dict[str, Path], dtype: str) -> None:
+    """A rank > 0: load the models, then run rank 0's operations until told to stop.
+
+    Returns when rank 0 shuts down; raises :class:`ClusterFailure` when rank 0 is gone.
+    """
+    models = {name: load_base_model(name, path, cluster.device, dtype) for name, path in model_paths.items()}
+    engine = Engine(cluster, models)
+    log.info("rank %d of %d ready on %s (pid %d)", cluster.rank, cluster.world_size, cluster.device, os.getpid())
+    while True:
+        op = cluster.broadcast()
+        if isinstance(op, Shutdown):
+            engine._execute(op)
+            log.info("rank %d: shutdown from rank 0", cluster.rank)
+            return
+        engine._execute(op)

@@ -1,0 +1,393 @@
+"""One process vs two: the same training through a server launched by ``accelerate launch``.
+
+The two-process server is a real ``accelerate launch --multi_gpu --num_processes 2``
+(``ACCELERATE_USE_CPU=true``: two gloo ranks on this CPU) running ``python -m
+trainer_server``; the one-process reference is an in-process :class:`TrainerServer` on the
+same model files. Both are driven by the same client code. Compared after each run:
+losses and metrics, gradient norms, gradients (the first AdamW moment of a STATE
+checkpoint after step 1 is ``(1 - beta1) * grad``), weights after 3 steps (fp32 BASE
+checkpoints), and logprobs; for built-in and custom losses, LoRA and full sessions, a
+batch that does not split evenly over the ranks and a batch smaller than the world size.
+STATE checkpoints cross-load between the two; killing rank 1 mid-call ends in a client
+error within the deadline and a launcher that exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from safetensors.torch import load_file
+
+from trainer_client import AdamParams, APIStatusError, AsyncServiceClient, AsyncTrainingClient, ClientConfig, Datum
+from trainer_server import Limits, ServerConfig, TrainerServer
+
+MODEL = "tiny-llama"
+ADAM = AdamParams(learning_rate=1e-3, beta1=0.9, weight_decay=0.01, grad_clip_norm=1.0)
+STARTUP_S = 180.0
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def close(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    """Equal within fp32 tolerance (the ranks sum partial gradients in another order)."""
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=(lambda m: f"{what}: {m}") if what else None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Launched:
+    """An ``accelerate launch`` process group serving on ``address``."""
+
+    proc: subprocess.Popen[str]
+    address: str
+    checkpoint_dir: Path
+    lines: list[str] = field(default_factory=list)
+
+    def rank_pid(self, rank: int) -> int:
+        """The pid of rank ``rank``, from rank 0's log line listing every rank."""
+        for line in self.lines:
+            m = re.search(r"\d+ ranks \(\S+\): (.*)$", line)
+            if m:
+                return int(m.group(1).split(", ")[rank].rsplit(" pid ", 1)[1])
+        raise AssertionError("rank 0 never listed the ranks:\n" + "".join(self.lines[-30:]))
+
+    def stop(self) -> int | None:
+        """Stop rank 0 with SIGTERM (a graceful stop that takes the workers with it)."""
+        if self.proc.poll() is None:
+            os.kill(self.rank_pid(0), signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def launch(model_dir: Path, checkpoint_dir: Path, home: Path, *extra: str) -> Launched:
+    """Start a two-process server under ``accelerate launch`` and wait until it serves."""
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "TRAINER_HOME": str(home),
+        "PYTHONUNBUFFERED": "1",
+    }
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "trainer_server",
+        "--model",
+        f"{MODEL}={model_dir}",
+        "--port",
+        "0",
+        "--torch-threads",
+        "1",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        *extra,
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    launched = Launched(proc, "", checkpoint_dir)
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            launched.lines.append(line)
+            m = re.match(r"trainer-server ready on (\S+)", line)
+            if m:
+                launched.address = m.group(1)
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    ready.wait(STARTUP_S)
+    if not launched.address:
+        launched.stop()
+        raise AssertionError("the two-process server did not start:\n" + "".join(launched.lines[-40:]))
+    return launched
+
+
+@pytest.fixture(scope="module")
+def model_dir(llama_dir: Path) -> Path:
+    return llama_dir
+
+
+@pytest.fixture(scope="module")
+def two(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
+    """One two-process server for the module."""
+    root = tmp_path_factory.mktemp("two")
+    launched = launch(model_dir, root / "checkpoints", root / "home")
+    yield launched
+    code = launched.stop()
+    log = "".join(launched.lines)
+    assert code == 0, log[-3000:]  # rank 0 stopped gracefully and took the other rank with it
+    assert "rank 1: shutdown from rank 0" in log
+
+
+@pytest.fixture
+async def one(model_dir: Path, tmp_path: Path) -> Any:
+    """A one-process server on the same model files."""
+    config = ServerConfig(
+        models={MODEL: model_dir},
+        port=0,
+        device="cpu",
+        checkpoint_dir=tmp_path / "one-checkpoints",
+        limits=Limits(max_tokens_per_call=4096),
+    )
+    async with TrainerServer(config) as server:
+        yield server
+
+
+def uneven_batch() -> list[Datum]:
+    """Three datums of 4, 9 and 15 targets: no token-balanced split is even."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for prompt_len, response_len in ((2, 3), (4, 6), (5, 11)):
+        tokens = torch.randint(3, 500, (prompt_len + response_len,), generator=g).tolist()
+        out.append(Datum.from_tokens(tokens[:prompt_len], tokens[prompt_len:]))
+    return out
+
+
+def tiny_batch() -> list[Datum]:
+    """One datum: fewer datums than ranks (rank 1 has nothing to do)."""
+    return [Datum.from_tokens([5, 6, 7], [8, 9, 10, 11])]
+
+
+def squared_loss(data: Sequence[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """A loss no built-in computes: sum of weights * logprob^2."""
+    loss = sum(((lp**2) * d.weights).sum() for d, lp in zip(data, logprobs, strict=True))
+    assert isinstance(loss, torch.Tensor)
+    return loss, {"sq": float(loss.detach())}
+
+
+@dataclass
+class Run:
+    """What one server computed for one training recipe."""
+
+    losses: list[float] = field(default_factory=list)
+    norms: list[float] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)
+    state_step1: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: safetensors files, and the optimizer's moments."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(str(f)).items()})
+    opt = directory / "optimizer.pt"
+    if opt.is_file():
+        state = torch.load(opt, weights_only=True)["optimizer"]["state"]
+        for index, moments in state.items():
+            for name in ("exp_avg", "exp_avg_sq"):
+                tensors[f"opt:{index}:{name}"] = moments[name]
+    assert tensors, f"no tensors in {directory}"
+    return tensors
+
+
+async def train(address: str, checkpoint_dir: Path, *, lora: bool, custom: bool, batch: list[Datum], tag: str) -> Run:
+    """Three steps of one recipe; checkpoints land in ``checkpoint_dir``."""
+    run = Run()
+    async with AsyncServiceClient(address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=4 if lora else None, seed=11)
+        for step in range(3):
+            if custom:
+                out = await tc.forward_backward_custom(batch, squared_loss)
+            else:
+                out = await tc.forward_backward(batch, "cross_entropy", return_logprobs=True)
+            run.losses.append(out.loss)
+            run.logprobs.append(torch.cat(out.logprobs))
+            result = await tc.optim_step(ADAM)
+            assert result.step == step + 1
+            run.norms.append(result.grad_norm)
+            if step == 0:
+                info = await tc.save_checkpoint(f"{tag}-step1", "state")
+                run.state_step1 = read_checkpoint(checkpoint_dir / info.name)
+        run.logprobs.append(torch.cat((await tc.forward(batch)).logprobs))
+        info = await tc.save_checkpoint(f"{tag}-final", "base", dtype="float32")
+        run.weights = read_checkpoint(checkpoint_dir / info.name)
+        await tc.close()
+    return run
+
+
+def assert_same(a: Run, b: Run) -> None:
+    close(torch.tensor(a.losses), torch.tensor(b.losses))
+    close(torch.tensor(a.norms), torch.tensor(b.norms))
+    for x, y in zip(a.logprobs, b.logprobs, strict=True):
+        close(x, y)
+    for what, x_all, y_all in (
+        ("gradients (step-1 state)", a.state_step1, b.state_step1),
+        ("weights", a.weights, b.weights),
+    ):
+        assert x_all.keys() == y_all.keys(), what
+        for name in x_all:
+            close(x_all[name], y_all[name], f"{what} {name}")
+
+
+@pytest.mark.parametrize(
+    ("lora", "custom", "batch_name"),
+    [
+        (True, False, "uneven"),
+        (True, True, "uneven"),
+        (False, False, "uneven"),
+        (False, True, "tiny"),
+    ],
+    ids=["lora-builtin-uneven", "lora-custom-uneven", "full-builtin-uneven", "full-custom-smaller-than-world"],
+)
+async def test_two_processes_train_like_one(
+    two: Launched, one: TrainerServer, lora: bool, custom: bool, batch_name: str
+) -> None:
+    batch = uneven_batch() if batch_name == "uneven" else tiny_batch()
+    assert one.config.checkpoint_dir is not None
+    tag = f"{'lora' if lora else 'full'}-{'custom' if custom else 'builtin'}-{batch_name}"
+    single = await train(one.address, one.config.checkpoint_dir, lora=lora, custom=custom, batch=batch, tag=tag)
+    double = await train(two.address, two.checkpoint_dir, lora=lora, custom=custom, batch=batch, tag=tag)
+    assert_same(single, double)
+    assert single.losses[-1] != single.losses[0]  # it trained
+    print(f"\n{tag}: losses 1p {single.losses} 2p {double.losses}; grad norms 1p {single.norms} 2p {double.norms}")
+
+
+async def test_server_info_reports_the_ranks(two: Launched) -> None:
+    async with AsyncServiceClient(two.address) as service:
+        info = await service.get_server_info()
+    assert info.world_size == 2
+    assert info.distributed_mode == "MULTI_CPU"
+    assert len(info.devices) == 2 and all(d.startswith("cpu") for d in info.devices)
+
+
+async def _resume_and_step(address: str, checkpoint: str, batch: list[Datum]) -> tuple[float, float, torch.Tensor]:
+    async with AsyncServiceClient(address) as service:
+        tc: AsyncTrainingClient = await service.create_training_client_from_state(checkpoint)
+        out = await tc.forward_backward(batch, "cross_entropy")
+        result = await tc.optim_step(ADAM)
+        assert result.step == 2
+        logprobs = torch.cat((await tc.forward(batch)).logprobs)
+        await tc.close()
+        return out.loss, result.grad_norm, logprobs
+
+
+@pytest.mark.parametrize("direction", ["2p-to-1p", "1p-to-2p"])
+async def test_state_checkpoints_cross_load(two: Launched, one: TrainerServer, direction: str) -> None:
+    batch = uneven_batch()
+    assert one.config.checkpoint_dir is not None
+    src, dst = (two, one) if direction == "2p-to-1p" else (one, two)
+    src_address = src.address
+    src_dir = two.checkpoint_dir if src is two else one.config.checkpoint_dir
+    dst_dir = one.config.checkpoint_dir if dst is one else two.checkpoint_dir
+    name = f"cross-{direction}"
+    async with AsyncServiceClient(src_address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=4, seed=5)
+        await tc.forward_backward(batch, "cross_entropy")
+        await tc.optim_step(ADAM)
+        await tc.save_checkpoint(name, "state")
+        await tc.close()
+    shutil.copytree(src_dir / name, dst_dir / name)  # as a user would copy it between machines
+    here = await _resume_and_step(src_address, name, batch)
+    there = await _resume_and_step(dst.address, name, batch)
+    close(torch.tensor(here[:2]), torch.tensor(there[:2]))
+    close(here[2], there[2])
+
+
+async def test_killing_rank_1_fails_the_call_and_the_server_exits(model_dir: Path, tmp_path: Path) -> None:
+    launched = launch(model_dir, tmp_path / "checkpoints", tmp_path / "home")
+    try:
+        rank1 = launched.rank_pid(1)
+        batch = uneven_batch()
+        deadline_s = 30.0
+
+        def kill_rank_1(data: Sequence[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+            os.kill(rank1, signal.SIGKILL)  # while the server holds the graph on both ranks
+            time.sleep(0.5)
+            return squared_loss(data, logprobs)
+
+        # No retries: the first answer is the one under test (a retry would meet a server already gone).
+        async with AsyncServiceClient(launched.address, config=ClientConfig(retry_attempts=1)) as service:
+            tc = await service.create_training_client(MODEL, lora_rank=4, seed=1)
+            await tc.forward_backward(batch, "cross_entropy")  # both ranks work
+            started = time.monotonic()
+            with pytest.raises(APIStatusError) as info:
+                await asyncio.wait_for(tc.forward_backward_custom(batch, kill_rank_1), deadline_s)
+            elapsed = time.monotonic() - started
+            print(f"\nrank 1 killed: client got {info.value.code.name} after {elapsed:.1f}s: {info.value}")
+            assert elapsed < deadline_s
+            assert info.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+            assert "lost one of its 2 processes" in str(info.value) or "connect" in str(info.value)
+            # Until the launcher takes the group down, rank 0 answers, and says it cannot train.
+            try:
+                async with grpc.aio.insecure_channel(launched.address) as channel:
+                    reply = await health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(service=""), timeout=5
+                    )
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE  # already gone: also fine
+        launched.proc.wait(90)  # the launcher tears the group down; nothing hangs
+        assert launched.proc.returncode != 0
+    finally:
+        if launched.proc.poll() is None:
+            launched.proc.kill()
+
+
+async def test_a_hung_rank_fails_the_call_after_the_cluster_timeout(model_dir: Path, tmp_path: Path) -> None:
+    timeout_s = 6.0
+    launched = launch(model_dir, tmp_path / "checkpoints", tmp_path / "home", "--cluster-timeout", str(timeout_s))
+    rank1 = launched.rank_pid(1)
+    try:
+        async with AsyncServiceClient(launched.address, config=ClientConfig(retry_attempts=1)) as service:
+            tc = await service.create_training_client(MODEL, lora_rank=4, seed=1)
+            os.kill(rank1, signal.SIGSTOP)  # alive, but answers nothing
+            started = time.monotonic()
+            with pytest.raises(APIStatusError) as info:
+                await asyncio.wait_for(tc.forward_backward(uneven_batch(), "cross_entropy"), 60)
+            elapsed = time.monotonic() - started
+            print(f"\nrank 1 stopped: client got {info.value.code.name} after {elapsed:.1f}s: {info.value}")
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE
+            assert "lost one of its 2 processes" in str(info.value)
+            assert elapsed < timeout_s * 4
+            async with grpc.aio.insecure_channel(launched.address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(APIStatusError) as again:
+                await service.create_training_client(MODEL, lora_rank=4, seed=1)
+            assert again.value.code == grpc.StatusCode.UNAVAILABLE  # refused at once, not another wait
+    finally:
+        os.kill(rank1, signal.SIGKILL)
+        os.kill(rank1, signal.SIGCONT)
+        if launched.proc.poll() is None:
+            launched.proc.wait(60)
