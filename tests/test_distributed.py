@@ -15,6 +15,7 @@ error within the deadline and a launcher that exits.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import re
 import shutil
@@ -35,8 +36,17 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
-from trainer_client import AdamParams, APIStatusError, AsyncServiceClient, AsyncTrainingClient, ClientConfig, Datum
-from trainer_server import Limits, ServerConfig, TrainerServer
+from trainer_client import (
+    AdamParams,
+    APIStatusError,
+    AsyncServiceClient,
+    AsyncTrainingClient,
+    ClientConfig,
+    Datum,
+    SamplingParams,
+)
+from trainer_server import Limits, ServerConfig, TrainerServer, init_cluster
+from trainer_server._batch import shard_bounds
 
 MODEL = "tiny-llama"
 ADAM = AdamParams(learning_rate=1e-3, beta1=0.9, weight_decay=0.01, grad_clip_norm=1.0)
@@ -204,6 +214,7 @@ class Run:
     logprobs: list[torch.Tensor] = field(default_factory=list)
     state_step1: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    samples: list[list[int]] = field(default_factory=list)
 
 
 def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
@@ -240,6 +251,8 @@ async def train(address: str, checkpoint_dir: Path, *, lora: bool, custom: bool,
                 info = await tc.save_checkpoint(f"{tag}-step1", "state")
                 run.state_step1 = read_checkpoint(checkpoint_dir / info.name)
         run.logprobs.append(torch.cat((await tc.forward(batch)).logprobs))
+        sampled = await tc.sample([5, 6, 7], 2, SamplingParams(max_tokens=6, temperature=1.0, seed=3))
+        run.samples = [s.tokens for s in sampled.sequences]
         info = await tc.save_checkpoint(f"{tag}-final", "base", dtype="float32")
         run.weights = read_checkpoint(checkpoint_dir / info.name)
         await tc.close()
@@ -249,6 +262,7 @@ async def train(address: str, checkpoint_dir: Path, *, lora: bool, custom: bool,
 def assert_same(a: Run, b: Run) -> None:
     close(torch.tensor(a.losses), torch.tensor(b.losses))
     close(torch.tensor(a.norms), torch.tensor(b.norms))
+    assert a.samples == b.samples and a.samples  # sampling runs on rank 0's replica, seeded alike
     for x, y in zip(a.logprobs, b.logprobs, strict=True):
         close(x, y)
     for what, x_all, y_all in (
@@ -391,3 +405,25 @@ async def test_a_hung_rank_fails_the_call_after_the_cluster_timeout(model_dir: P
         os.kill(rank1, signal.SIGCONT)
         if launched.proc.poll() is None:
             launched.proc.wait(60)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "parts"),
+    [([5, 5, 5, 5], 2), ([10, 1, 1, 1], 2), ([3], 2), ([1, 9], 2), ([4, 9, 15], 2), ([2] * 7, 3), ([8, 1], 4)],
+)
+def test_shards_are_contiguous_balanced_and_cover_the_batch(lengths: list[int], parts: int) -> None:
+    bounds = shard_bounds(lengths, parts)
+    assert len(bounds) == parts
+    assert bounds[0][0] == 0 and bounds[-1][1] == len(lengths)
+    assert all(a[1] == b[0] and a[0] <= a[1] for a, b in itertools.pairwise(bounds))
+    tokens = [sum(lengths[a:b]) for a, b in bounds]
+    assert sum(1 for t in tokens if t) == min(parts, len(lengths))  # nobody idles while datums remain
+    # No better contiguous split exists than one whose largest shard is within one datum of the ideal.
+    assert max(tokens) <= sum(lengths) / parts + max(lengths)
+
+
+def test_unsupported_accelerate_modes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP is not supported"):
+        init_cluster("cpu")
