@@ -371,12 +371,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             dtype = _logprobs_dtype(start.logprobs_dtype)
             batch = await self._parse(datums, session)
             request_fingerprint = hasher.digest()
-            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+            gap_timeout_s = self.runtime.config.sequence_gap_timeout_s
+            # The forward may run while the previous call waits for its client's loss (overlap).
+            await call.wait_turn(gap_timeout_s, ahead=True)
             handle, logprobs = await self.runtime.forward_held(session, batch)
             try:
+                await call.forward_done()
                 responses = self._logprobs_messages(pb.ForwardBackwardCustomResponse, logprobs, batch.lengths, dtype)
                 await self._write_all(context, responses)
                 grad = await self._read_gradient(context, batch.lengths, hasher)
+                await call.wait_turn(gap_timeout_s)  # gradients accumulate in sequence order
             except BaseException:
                 self.runtime.release(handle)  # drop the graph on every rank; nothing is applied
                 raise

@@ -68,6 +68,7 @@ class Session:
         self._changed = asyncio.Condition()
         self._outcomes: OrderedDict[int, Outcome] = OrderedDict()
         self._claimed_fingerprints: dict[int, bytes] = {}  # of the calls in _seen
+        self._past_forward: set[int] = set()  # running calls whose forward is done (see wait_turn)
 
     def _advance(self) -> None:
         while self.next_seq in self._done_early:
@@ -79,6 +80,7 @@ class Session:
         async with self._changed:
             self._seen.discard(seq)
             self._claimed_fingerprints.pop(seq, None)
+            self._past_forward.discard(seq)
             if had_turn:
                 self.next_seq = max(self.next_seq, seq + 1)  # never move back over numbers already used
             elif seq >= self.next_seq:
@@ -184,8 +186,15 @@ class SequencedCall:
         self.had_turn = False
         self.replay = replay
 
-    async def wait_turn(self, gap_timeout_s: float) -> None:
+    async def wait_turn(self, gap_timeout_s: float, *, ahead: bool = False) -> None:
         """Wait until every earlier call of the session has finished.
+
+        With ``ahead`` (a forward that changes nothing), also return when the one call
+        still unfinished before this one is past its forward (:meth:`forward_done`):
+        weights change only at an optimizer step, so this call's forward may run while
+        that call waits for its client's gradient. Only one call runs ahead, so a session
+        holds at most two forward graphs. A call let in ahead must wait again, without
+        ``ahead``, before it changes anything.
 
         Raises:
             ServiceError: ABORTED when an earlier number did not arrive within
@@ -195,8 +204,12 @@ class SequencedCall:
         s = self.session
         loop = asyncio.get_running_loop()
         gap_since: float | None = None
+
+        def ready() -> bool:
+            return s.next_seq >= self.seq or (ahead and s.next_seq == self.seq - 1 and s.next_seq in s._past_forward)
+
         async with s._changed:
-            while not s.closed and s.next_seq < self.seq:
+            while not s.closed and not ready():
                 if s.next_seq in s._seen:
                     # The next call has arrived (it may be running): no gap, however long it takes.
                     gap_since = None
@@ -207,7 +220,7 @@ class SequencedCall:
                 try:
                     await asyncio.wait_for(s._changed.wait(), max(0.0, gap_since + gap_timeout_s - loop.time()))
                 except TimeoutError:
-                    if s.next_seq in s._seen or s.next_seq >= self.seq or s.closed:
+                    if s.next_seq in s._seen or ready() or s.closed:
                         continue  # it arrived (or we were skipped) just as the timer fired
                     missing = s.next_seq
                     log.warning(
@@ -227,7 +240,15 @@ class SequencedCall:
                 )
         if s.closed:
             raise not_found(f"session {s.id} is closed")
-        self.had_turn = True
+        if s.next_seq >= self.seq:
+            self.had_turn = True
+
+    async def forward_done(self) -> None:
+        """Let the next call's forward run (see ``wait_turn(ahead=True)``)."""
+        s = self.session
+        async with s._changed:
+            s._past_forward.add(self.seq)
+            s._changed.notify_all()
 
 
 def new_session_id() -> str:

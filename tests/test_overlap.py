@@ -1,0 +1,128 @@
+"""Overlap: a custom call's forward runs while the previous call waits for its client's loss.
+
+Inside an accumulation window, weights do not change until the optimizer step, so the
+forward of call k+1 may run before call k's gradient arrives; backward passes still run in
+sequence order, so gradients accumulate bitwise as in a strictly sequential run. The tests
+watch the server's held graphs from inside the client's loss function: while the loss of
+call k runs, the forward of call k+1 must already be held (overlap happened), never two calls
+ahead, and never past an optimizer step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from conftest import LLAMA, server_session, state_hash
+
+from trainer_client import AdamParams, AsyncServiceClient, Datum
+from trainer_server import TrainerServer
+
+ADAM = AdamParams(learning_rate=1e-2)
+WAIT_S = 10.0
+
+
+def batches(count: int) -> list[list[Datum]]:
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for _ in range(count):
+        tokens = torch.randint(3, 500, (12,), generator=g).tolist()
+        out.append([Datum.from_tokens(tokens[:4], tokens[4:]), Datum.from_tokens(tokens[:2], tokens[2:7])])
+    return out
+
+
+def loss(data: Sequence[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    total = sum((lp * d.weights).sum() * -1.0 for d, lp in zip(data, logprobs, strict=True))
+    assert isinstance(total, torch.Tensor)
+    return total, {}
+
+
+def held_count(server: TrainerServer) -> int:
+    assert server.servicer is not None
+    return len(server.servicer.held_graphs)
+
+
+async def test_next_forward_runs_during_the_client_loss_and_gradients_match(
+    server: TrainerServer, service: AsyncServiceClient
+) -> None:
+    data = batches(4)
+    seen: list[int] = []  # held graphs observed while each loss ran
+
+    def watching_loss(d: Sequence[Datum], lps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        # Wait (bounded) for the next call's forward to be held beside ours.
+        deadline = time.monotonic() + WAIT_S
+        while held_count(server) < 2 and time.monotonic() < deadline and len(seen) < len(data) - 1:
+            time.sleep(0.005)
+        seen.append(held_count(server))
+        return loss(d, lps)
+
+    overlapped = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    futures = [overlapped.forward_backward_custom(b, watching_loss) for b in data]
+    step = overlapped.optim_step(ADAM)
+    for f in futures:
+        await f
+    await step
+    print(f"\nheld graphs seen from inside each loss: {seen}")
+    assert seen[:-1] == [2, 2, 2]  # the next forward was held while each loss ran; never more
+    assert seen[-1] == 1  # the last loss has nothing after it
+
+    sequential = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    for b in data:
+        await sequential.forward_backward_custom(b, loss)
+    await sequential.optim_step(ADAM)
+    assert state_hash(server_session(server, overlapped)) == state_hash(server_session(server, sequential))
+    assert held_count(server) == 0
+
+
+async def test_no_forward_runs_ahead_of_an_optimizer_step(server: TrainerServer, service: AsyncServiceClient) -> None:
+    data = batches(2)
+    seen: list[int] = []
+
+    def slow_loss(d: Sequence[Datum], lps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        time.sleep(0.5)  # long enough for a forward that was allowed ahead to show up
+        seen.append(held_count(server))
+        return loss(d, lps)
+
+    tc = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    first = tc.forward_backward_custom(data[0], slow_loss)
+    step = tc.optim_step(ADAM)
+    second = tc.forward_backward_custom(data[1], slow_loss)
+    await first
+    await step
+    await second
+    assert seen == [1, 1]  # the second forward waited for the step: it must see the new weights
+
+    ref = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    await ref.forward_backward_custom(data[0], loss)
+    await ref.optim_step(ADAM)
+    await ref.forward_backward_custom(data[1], loss)
+    assert state_hash(server_session(server, tc)) == state_hash(server_session(server, ref))
+
+
+async def test_a_call_ahead_survives_the_previous_call_failing(
+    server: TrainerServer, service: AsyncServiceClient
+) -> None:
+    data = batches(2)
+
+    def failing_loss(d: Sequence[Datum], lps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        deadline = time.monotonic() + WAIT_S
+        while held_count(server) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        raise RuntimeError("the user's loss failed")
+
+    tc = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    first = tc.forward_backward_custom(data[0], failing_loss)
+    second = tc.forward_backward_custom(data[1], loss)
+    try:
+        await first
+    except Exception as exc:
+        assert "the user's loss failed" in str(exc)
+    else:
+        raise AssertionError("the failing loss did not fail the call")
+    await second  # ran its forward ahead; its backward went in once the first call was given up
+    assert held_count(server) == 0
+
+    ref = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    await ref.forward_backward_custom(data[1], loss)
+    assert state_hash(server_session(server, tc)) == state_hash(server_session(server, ref))
