@@ -50,7 +50,7 @@ class _LosingResults:
         self._context = context
 
     async def write(self, message: Any) -> None:
-        if message.WhichOneof("message") != "result":
+        if isinstance(message, bytes) or message.WhichOneof("message") != "result":  # bytes: encoded chunks
             await self._context.write(message)
 
     def __getattr__(self, name: str) -> Any:

@@ -92,6 +92,8 @@ def _batches(data: Sequence[Datum], chunk_bytes: int) -> Iterator[pb.DatumBatch]
         yield batch
 
 
+_SERVICE = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
 _REQUESTS: Mapping[str, Any] = {
     "Forward": pb.ForwardRequest,
     "ForwardBackward": pb.ForwardBackwardRequest,
@@ -264,8 +266,12 @@ class AsyncTrainingClient:
         return pb.CallHeader(session_id=self.session_id, seq=seq)
 
     def _open(self, method: str) -> _Stream:
+        """Open a tensor-streaming call with the chunk fast path (see ``wire.STREAM_CODECS``)."""
         svc = self._service
-        call = getattr(svc._stub, method)(timeout=svc.config.timeout_s, metadata=svc._metadata)
+        requests, responses = wire.STREAM_CODECS[method]
+        call = svc._channel.stream_stream(
+            f"/{_SERVICE}/{method}", request_serializer=requests.serialize, response_deserializer=responses.deserialize
+        )(timeout=svc.config.timeout_s, metadata=svc._metadata)
         return _Stream(call, method)
 
     async def _send_datums(self, stream: _Stream, start_field: str, start: Any, batches: list[pb.DatumBatch]) -> None:
@@ -374,8 +380,10 @@ class AsyncTrainingClient:
                 grad = grad.to(torch_dtype)
                 req = pb.ForwardBackwardCustomRequest
                 await stream.write(req(grad_header=wire.stream_header(grad, lengths)))
-                for chunk in wire.chunk_tensor(grad, self._service.config.chunk_bytes):
-                    await stream.write(req(grad_chunk=chunk))
+                for raw in wire.STREAM_CODECS["ForwardBackwardCustom"][0].chunk_messages(
+                    grad, self._service.config.chunk_bytes
+                ):
+                    await stream.write(raw)
                 await stream.call.done_writing()
                 result = (await stream.read("result")).result
             except BaseException:

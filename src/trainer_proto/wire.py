@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
+from google.protobuf.message import Message
 
 from trainer_proto.trainer.v1 import trainer_pb2 as pb
 
@@ -28,7 +30,11 @@ if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in use
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "FLOAT_DTYPES",
+    "STREAM_CODECS",
     "ChunkAssembler",
+    "ChunkCodec",
+    "RawChunk",
+    "RawChunkMessage",
     "WireError",
     "chunk_tensor",
     "dtype_from_wire",
@@ -203,7 +209,7 @@ class ChunkAssembler:
         """True once every byte has arrived."""
         return self.received == self.total_bytes
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk: pb.TensorChunk | RawChunk) -> None:
         """Copy one chunk into place; chunks must arrive in order without gaps."""
         if chunk.offset != self.received:
             raise WireError(f"{self.field}: chunk at offset {chunk.offset}, expected offset {self.received}")
@@ -227,3 +233,153 @@ class ChunkAssembler:
 def split_by_lengths(flat: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
     """Split a concatenated 1-D tensor into per-datum views."""
     return list(torch.split(flat, list(lengths)))
+
+
+# ---- the chunk fast path -------------------------------------------------------------------
+#
+# A chunk message (say ForwardBackwardCustomRequest{grad_chunk: TensorChunk{offset, data}}) is
+# one length-delimited oneof field holding two fields. Writing its few header bytes by hand and
+# joining them with a view of the tensor costs one copy, where chunk_tensor + a message +
+# SerializeToString cost three; parsing those header bytes and taking a memoryview of the
+# payload costs none, where FromString + ``.data`` cost two. The bytes on the wire are exactly
+# protobuf's (tests/test_wire_fast_path.py checks), so any gRPC client (grpcurl included)
+# interoperates; a message in any other layout simply takes the protobuf path.
+
+
+class RawChunk(NamedTuple):
+    """A chunk parsed without protobuf: ``data`` is a view into the received message bytes."""
+
+    offset: int
+    data: memoryview
+
+
+class RawChunkMessage:
+    """A received chunk message, standing in for the protobuf message it encodes.
+
+    It answers the parts of the message API that readers of chunk streams use:
+    ``WhichOneof``, the chunk field (a :class:`RawChunk`), and ``SerializeToString``
+    (the received bytes themselves, which are protobuf's canonical encoding).
+    """
+
+    __slots__ = ("_field", "chunk", "raw")
+
+    def __init__(self, field: str, chunk: RawChunk, raw: bytes) -> None:
+        self._field = field
+        self.chunk = chunk
+        self.raw = raw
+
+    def WhichOneof(self, group: str) -> str:
+        """The oneof field that is set: always the chunk field."""
+        return self._field
+
+    def __getattr__(self, name: str) -> RawChunk:
+        if name == self._field:
+            return self.chunk
+        raise AttributeError(name)
+
+    def SerializeToString(self, deterministic: bool = False) -> bytes:
+        """The received bytes (canonical: only that layout is parsed this way)."""
+        return self.raw
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while shift < 64:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, i
+    raise IndexError("varint too long")
+
+
+class ChunkCodec:
+    """gRPC (de)serializers for a streaming method whose messages may carry a tensor chunk.
+
+    Args:
+        message_class: the method's request or response message class.
+        chunk_field: its oneof field holding a ``TensorChunk`` (None: no chunks flow this way).
+
+    ``serialize`` takes a message or bytes already encoded (:meth:`chunk_messages`);
+    ``deserialize`` returns a :class:`RawChunkMessage` for a chunk in protobuf's canonical
+    layout, else the parsed message.
+    """
+
+    def __init__(self, message_class: Any, chunk_field: str | None) -> None:
+        self.message_class = message_class
+        self.chunk_field = chunk_field
+        number = message_class.DESCRIPTOR.fields_by_name[chunk_field].number if chunk_field else 0
+        self._tag = number << 3 | 2 if chunk_field else -1
+        if self._tag > 0x7F:  # pragma: no cover - field numbers here are small
+            raise ValueError(f"{chunk_field}: field number {number} needs a multi-byte tag")
+
+    @staticmethod
+    def serialize(message: Message | bytes) -> bytes:
+        """A message's bytes; bytes pass through."""
+        return message if isinstance(message, bytes) else message.SerializeToString()
+
+    def deserialize(self, raw: bytes) -> Any:
+        """A :class:`RawChunkMessage` when ``raw`` is a canonical chunk message, else the message."""
+        if self.chunk_field and raw and raw[0] == self._tag:
+            chunk = self._parse_chunk(raw)
+            if chunk is not None:
+                return RawChunkMessage(self.chunk_field, chunk, raw)
+        return self.message_class.FromString(raw)
+
+    @staticmethod
+    def _parse_chunk(raw: bytes) -> RawChunk | None:
+        """Canonical layout only: tag, length, [0x08 offset], 0x12 length data, and nothing else."""
+        try:
+            size, i = _read_varint(raw, 1)
+            if i + size != len(raw):
+                return None
+            offset = 0
+            if raw[i] == 0x08:
+                offset, i = _read_varint(raw, i + 1)
+                if offset == 0:
+                    return None  # protobuf omits a zero offset; let it parse this one
+            if raw[i] != 0x12:
+                return None
+            n, i = _read_varint(raw, i + 1)
+            if i + n != len(raw) or n == 0:
+                return None
+        except IndexError:
+            return None
+        return RawChunk(offset, memoryview(raw)[i:])
+
+    def chunk_messages(self, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[bytes]:
+        """Encoded messages carrying ``tensor``'s bytes in chunks, as protobuf would write them."""
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if self._tag < 0:
+            raise ValueError(f"{self.message_class.__name__} has no chunk field")
+        view = _contiguous_bytes(tensor)
+        tag = bytes([self._tag])
+        for offset in range(0, len(view), chunk_bytes):
+            part = view[offset : offset + chunk_bytes]
+            inner = (b"\x08" + _varint(offset) if offset else b"") + b"\x12" + _varint(len(part))
+            yield b"".join((tag, _varint(len(inner) + len(part)), inner, part))
+
+
+STREAM_CODECS: dict[str, tuple[ChunkCodec, ChunkCodec]] = {
+    "Forward": (ChunkCodec(pb.ForwardRequest, None), ChunkCodec(pb.ForwardResponse, "logprobs_chunk")),
+    "ForwardBackward": (
+        ChunkCodec(pb.ForwardBackwardRequest, None),
+        ChunkCodec(pb.ForwardBackwardResponse, "logprobs_chunk"),
+    ),
+    "ForwardBackwardCustom": (
+        ChunkCodec(pb.ForwardBackwardCustomRequest, "grad_chunk"),
+        ChunkCodec(pb.ForwardBackwardCustomResponse, "logprobs_chunk"),
+    ),
+}
+"""(request codec, response codec) of each tensor-streaming method; both ends use these."""

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from trainer_proto import options, pb, pb_grpc
+from trainer_proto import options, pb, wire
 from trainer_server._auth import ApiKeyInterceptor
 from trainer_server._cluster import Cluster
 from trainer_server._config import ServerConfig
@@ -44,6 +44,33 @@ def model_paths(config: ServerConfig) -> dict[str, Path]:
     from trainer_server.builtin_models import BUILTIN_MODEL_NAME, ensure_builtin_model
 
     return {BUILTIN_MODEL_NAME: ensure_builtin_model()}
+
+
+_HANDLER_KINDS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _add_servicer(servicer: TrainerServicer, server: grpc.aio.Server) -> None:
+    """Register every RPC, as the generated ``add_TrainerServiceServicer_to_server`` would.
+
+    Except that the tensor-streaming methods use :data:`trainer_proto.wire.STREAM_CODECS`:
+    chunks are written as ready bytes and read as views of the received bytes (no protobuf
+    copies). The bytes on the wire are the same.
+    """
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["TrainerService"].methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        codecs = wire.STREAM_CODECS.get(method.name)
+        handlers[method.name] = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=codecs[0].deserialize if codecs else request.FromString,
+            response_serializer=codecs[1].serialize if codecs else response.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
 def run_worker(config: ServerConfig, cluster: Cluster) -> None:
@@ -115,7 +142,7 @@ class TrainerServer:
                 server=True,
             ),
         )
-        pb_grpc.add_TrainerServiceServicer_to_server(self.servicer, server)
+        _add_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -218,14 +218,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             await context.write(response)
 
     def _logprobs_messages(
-        self, response: Callable[..., Any], logprobs: torch.Tensor, lengths: list[int], dtype: torch.dtype
+        self, method: str, logprobs: torch.Tensor, lengths: list[int], dtype: torch.dtype
     ) -> list[Any]:
-        """The header and chunk messages that stream ``logprobs`` back."""
+        """The header message and the encoded chunk messages that stream ``logprobs`` back."""
+        codec = wire.STREAM_CODECS[method][1]
         flat = logprobs.detach().to(device="cpu", dtype=dtype)
-        messages = [response(logprobs_header=wire.stream_header(flat, lengths))]
-        messages += [
-            response(logprobs_chunk=chunk) for chunk in wire.chunk_tensor(flat, self.runtime.config.limits.chunk_bytes)
-        ]
+        messages: list[Any] = [codec.message_class(logprobs_header=wire.stream_header(flat, lengths))]
+        messages += codec.chunk_messages(flat, self.runtime.config.limits.chunk_bytes)
         return messages
 
     async def _read_gradient(
@@ -312,7 +311,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 batch = await self._parse(datums, session)
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
                 logprobs = await self.runtime.forward(session, batch)
-                responses = self._logprobs_messages(pb.ForwardResponse, logprobs, batch.lengths, dtype)
+                responses = self._logprobs_messages("Forward", logprobs, batch.lengths, dtype)
                 responses.append(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
                 session.record(call.seq, hasher.digest(), responses)
         await self._write_all(context, responses if call.replay is None else call.replay.responses)
@@ -337,7 +336,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 logprobs, loss, metrics = await self.runtime.forward_backward(session, batch, loss_fn, config)
                 responses = []
                 if start.return_logprobs:
-                    responses = self._logprobs_messages(pb.ForwardBackwardResponse, logprobs, batch.lengths, dtype)
+                    responses = self._logprobs_messages("ForwardBackward", logprobs, batch.lengths, dtype)
                 result = pb.ForwardBackwardResult(seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics)
                 responses.append(pb.ForwardBackwardResponse(result=result))
                 session.record(call.seq, hasher.digest(), responses)
@@ -377,7 +376,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             handle, logprobs = await self.runtime.forward_held(session, batch)
             try:
                 await call.forward_done()
-                responses = self._logprobs_messages(pb.ForwardBackwardCustomResponse, logprobs, batch.lengths, dtype)
+                responses = self._logprobs_messages("ForwardBackwardCustom", logprobs, batch.lengths, dtype)
                 await self._write_all(context, responses)
                 grad = await self._read_gradient(context, batch.lengths, hasher)
                 await call.wait_turn(gap_timeout_s)  # gradients accumulate in sequence order
