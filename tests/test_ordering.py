@@ -102,9 +102,7 @@ async def raw_forward_backward(
     return result
 
 
-def raw_optim_step(
-    stub: pb_grpc.TrainerServiceStub, tc: AsyncTrainingClient, seq: int, adam: AdamParams = ADAM
-) -> Any:
+def raw_optim_step(stub: pb_grpc.TrainerServiceStub, tc: AsyncTrainingClient, seq: int, adam: AdamParams = ADAM) -> Any:
     """Start an OptimStep call (a grpc.aio call object: awaitable, with .done())."""
     return stub.OptimStep(pb.OptimStepRequest(call=header(tc, seq), adam_params=adam.to_proto()), timeout=30)
 

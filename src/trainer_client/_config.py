@@ -40,5 +40,7 @@ class ClientConfig:
             raise ValueError("ClientConfig timeouts must be positive")
         if not 0 < self.chunk_bytes < self.max_message_bytes:
             raise ValueError("ClientConfig.chunk_bytes must be positive and below max_message_bytes")
+        if self.keepalive_time_s <= 0 or self.keepalive_timeout_s <= 0:
+            raise ValueError("ClientConfig keepalive_time_s and keepalive_timeout_s must be positive")
         if self.retry_attempts < 1:
             raise ValueError("ClientConfig.retry_attempts must be at least 1")

@@ -34,6 +34,8 @@ def grpc_options(
         ("grpc.http2.max_pings_without_data", 0),
     ]
     if server:
-        # Accept client pings as often as a client built with these options sends them.
-        opts.append(("grpc.http2.min_ping_interval_without_data_ms", int(keepalive_time_s * 1000) // 2))
+        # Accept pings as often as any gRPC client sends them (at most one a second, whatever its
+        # keepalive setting), so a client with a shorter keepalive than ours is never told
+        # "too many pings" and cut off mid-stream.
+        opts.append(("grpc.http2.min_ping_interval_without_data_ms", min(int(keepalive_time_s * 1000) // 2, 500)))
     return opts

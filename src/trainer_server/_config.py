@@ -105,6 +105,8 @@ class ServerConfig:
             raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("ServerConfig.tls_cert and tls_key go together: set both or neither")
+        if self.keepalive_time_s <= 0:
+            raise ValueError("ServerConfig.keepalive_time_s must be positive")
         if not 0 < self.heartbeat_s < self.cluster_timeout_s:
             raise ValueError("ServerConfig.heartbeat_s must be positive and below cluster_timeout_s")
         if self.sequence_gap_timeout_s <= 0:

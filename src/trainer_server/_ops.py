@@ -13,7 +13,6 @@ With one process the same code runs with no communication, so there is one code 
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -219,7 +218,6 @@ class Engine:
 
     def _CloseSession(self, op: CloseSession) -> None:
         self.sessions.pop(op.session_id, None)
-        gc.collect()  # peft models hold reference cycles; free the replica now, not at some later collection
 
     def _Forward(self, op: Forward) -> torch.Tensor:
         state = self._session(op.session_id)

@@ -200,7 +200,7 @@ class Runtime:
         handle = next(self._handles)
         try:
             parts = await self.run_op(_ops.Forward(session.id, batch, grad=True, handle=handle))
-        except ServiceError:
+        except BaseException:  # failed, or cancelled while the forward may still be running
             self.release(handle)
             raise
         return handle, _concat(parts)
@@ -215,8 +215,9 @@ class Runtime:
         The device thread runs work in order, so the release happens before anything
         submitted after it.
         """
-        if handle in self.engine.held and not self.broken:
-            self._executor.submit(self._release, handle)
+        if not self.broken:
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: nothing is held any more
+                self._executor.submit(self._release, handle)
 
     def _release(self, handle: int) -> None:
         try:
@@ -369,9 +370,17 @@ class Runtime:
         return kinds[kind], dtypes[dtype]
 
     async def save_checkpoint(
-        self, session: Session, call: SequencedCall, request: pb.SaveCheckpointRequest
-    ) -> Manifest:
-        """Validate, wait for the call's turn, then write and commit the checkpoint."""
+        self,
+        session: Session,
+        call: SequencedCall,
+        request: pb.SaveCheckpointRequest,
+        respond: Callable[[Manifest], T],
+    ) -> T:
+        """Validate, wait for the call's turn, then write and commit the checkpoint.
+
+        Once writing has begun it completes (see :meth:`SequencedCall.commit`), and the
+        call's outcome, ``respond(manifest)``, is stored for a retry.
+        """
         kind, dtype = self._check_save(session, request.name, request.kind, request.dtype)
         await call.wait_turn(self.config.sequence_gap_timeout_s)
         state = session.state
@@ -420,7 +429,10 @@ class Runtime:
                 state.last_base = request.name
             return manifest
 
-        return await self.on_device(save)
+        async def apply() -> T:
+            return respond(await self.on_device(save))
+
+        return await call.commit(apply(), record=True)
 
     async def checkpoint_model(self, name: str, owner: str = "") -> tuple[Any, BaseModel]:
         """A model with a BASE or STATE checkpoint's weights, for sampling (a few are cached).

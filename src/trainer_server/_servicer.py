@@ -310,10 +310,15 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 dtype = _logprobs_dtype(start.logprobs_dtype)
                 batch = await self._parse(datums, session)
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-                logprobs = await self.runtime.forward(session, batch)
-                responses = self._logprobs_messages("Forward", logprobs, batch.lengths, dtype)
-                responses.append(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
-                session.record(call.seq, hasher.digest(), responses)
+
+                async def apply() -> list[Any]:
+                    logprobs = await self.runtime.forward(session, batch)
+                    out = self._logprobs_messages("Forward", logprobs, batch.lengths, dtype)
+                    out.append(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
+                    session.record(call.seq, hasher.digest(), out)
+                    return out
+
+                responses = await call.commit(apply())
         await self._write_all(context, responses if call.replay is None else call.replay.responses)
 
     @translate_errors
@@ -333,13 +338,20 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 config = dict(start.loss_fn_config)
                 validate_loss(start.loss_fn, batch, config)  # refused before its turn, with no model work
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-                logprobs, loss, metrics = await self.runtime.forward_backward(session, batch, loss_fn, config)
-                responses = []
-                if start.return_logprobs:
-                    responses = self._logprobs_messages("ForwardBackward", logprobs, batch.lengths, dtype)
-                result = pb.ForwardBackwardResult(seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics)
-                responses.append(pb.ForwardBackwardResponse(result=result))
-                session.record(call.seq, hasher.digest(), responses)
+
+                async def apply() -> list[Any]:
+                    logprobs, loss, metrics = await self.runtime.forward_backward(session, batch, loss_fn, config)
+                    out = []
+                    if start.return_logprobs:
+                        out = self._logprobs_messages("ForwardBackward", logprobs, batch.lengths, dtype)
+                    result = pb.ForwardBackwardResult(
+                        seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics
+                    )
+                    out.append(pb.ForwardBackwardResponse(result=result))
+                    session.record(call.seq, hasher.digest(), out)
+                    return out
+
+                responses = await call.commit(apply())
         await self._write_all(context, responses if call.replay is None else call.replay.responses)
 
     @translate_errors
@@ -383,11 +395,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             except BaseException:
                 self.runtime.release(handle)  # drop the graph on every rank; nothing is applied
                 raise
-            await self.runtime.backward(session, handle, grad)
-            result = pb.ForwardBackwardCustomResponse(
-                result=pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
-            )
-            session.record(call.seq, request_fingerprint, [*responses, result], final_fingerprint=hasher.digest())
+
+            async def apply() -> Any:
+                await self.runtime.backward(session, handle, grad)
+                out = pb.ForwardBackwardCustomResponse(
+                    result=pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
+                )
+                session.record(call.seq, request_fingerprint, [*responses, out], final_fingerprint=hasher.digest())
+                return out
+
+            result = await call.commit(apply())
         await context.write(result)
 
     @translate_errors
@@ -399,8 +416,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         async def run(session: Session, call: SequencedCall) -> pb.OptimStepResponse:
             settings = AdamSettings(request.adam_params)
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-            step, norm = await self.runtime.optim_step(session, settings)
-            return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+
+            async def apply() -> pb.OptimStepResponse:
+                step, norm = await self.runtime.optim_step(session, settings)
+                return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
+
+            return await call.commit(apply(), record=True)
 
         return await self._sequenced_unary("OptimStep", request, context, run)
 
@@ -419,7 +440,6 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 stored: _Response = call.replay.responses[0]
                 return stored
             response = await run(session, call)
-            session.record(call.seq, fingerprint, [response])
         return response
 
     @translate_errors
@@ -429,8 +449,12 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         """Write a checkpoint after the session's earlier calls (a barrier)."""
 
         async def run(session: Session, call: SequencedCall) -> pb.SaveCheckpointResponse:
-            manifest = await self.runtime.save_checkpoint(session, call, request)
-            return pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest))
+            return await self.runtime.save_checkpoint(
+                session,
+                call,
+                request,
+                lambda manifest: pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest)),
+            )
 
         return await self._sequenced_unary("SaveCheckpoint", request, context, run)
 
@@ -549,5 +573,5 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         session = self.runtime.session(request.call.session_id, self._owner(context))
         async with session.call(request.call.seq) as call:
             await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-            await self.runtime.close_session(session)
+            await call.commit(self.runtime.close_session(session))
         return pb.CloseSessionResponse()

@@ -15,14 +15,15 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -45,6 +46,8 @@ MAX_SEQ_LOOKAHEAD = 1024
 otherwise skip, via the gap timeout, every number a session could still use)."""
 MAX_STORED_OUTCOMES = 32
 """Finished calls per session whose responses are kept to answer retries."""
+
+T = TypeVar("T")
 
 log = logging.getLogger("trainer_server.sessions")
 
@@ -160,10 +163,13 @@ class Session:
             )
         self._seen.add(seq)
         self._claimed_fingerprints[seq] = fingerprint
-        sequenced = SequencedCall(self, seq)
+        sequenced = SequencedCall(self, seq, fingerprint=fingerprint)
         try:
             yield sequenced
         finally:
+            if sequenced.committing is not None and not sequenced.committing.done():
+                with contextlib.suppress(BaseException):  # its error went to the caller, or nobody is left to tell
+                    await asyncio.shield(sequenced.committing)
             await asyncio.shield(self._finish(seq, had_turn=sequenced.had_turn))
 
 
@@ -180,11 +186,35 @@ class Outcome:
 class SequencedCall:
     """A call holding its sequence number; see :meth:`Session.call`."""
 
-    def __init__(self, session: Session, seq: int, replay: Outcome | None = None) -> None:
+    def __init__(self, session: Session, seq: int, replay: Outcome | None = None, fingerprint: bytes = b"") -> None:
         self.session = session
         self.seq = seq
+        self.fingerprint = fingerprint
         self.had_turn = False
         self.replay = replay
+        self.committing: asyncio.Task[Any] | None = None
+
+    async def commit(self, work: Coroutine[Any, Any, T], *, record: bool = False) -> T:
+        """Run ``work`` to its end even if this call is cancelled (its client went away).
+
+        For the part of a call that changes the session and records its outcome: once the
+        device work has begun, it completes and the outcome is stored, and the call's number
+        is released only after that, so a retry gets the stored outcome and a cancellation
+        never leaves a half-applied step or an applied step without its outcome.
+
+        Args:
+            work: the device work (and, for streams, recording the outcome).
+            record: store ``[result]`` as the outcome (unary calls).
+        """
+
+        async def run() -> T:
+            result = await work
+            if record:
+                self.session.record(self.seq, self.fingerprint, [result])
+            return result
+
+        self.committing = asyncio.ensure_future(run())
+        return await asyncio.shield(self.committing)
 
     async def wait_turn(self, gap_timeout_s: float, *, ahead: bool = False) -> None:
         """Wait until every earlier call of the session has finished.
