@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
+from trainer_client import AsyncServiceClient
+from trainer_server import Limits, ServerConfig, TrainerServer
 from trainer_server.__main__ import parse_args
 
 
@@ -33,6 +36,9 @@ def test_models_keys_and_limits(llama_dir: Path, tmp_path: Path, monkeypatch: py
         ["--tls-cert", "c.pem"],
         ["--torch-threads", "0"],
         ["--dtype", "int8"],
+        ["--max-sessions", "0"],
+        ["--chunk-bytes", "99999999999"],
+        ["--cluster-timeout", "0"],
     ],
 )
 def test_bad_arguments_exit_with_usage(argv: list[str], llama_dir: Path) -> None:
@@ -44,3 +50,22 @@ def test_bad_arguments_exit_with_usage(argv: list[str], llama_dir: Path) -> None
 def test_duplicate_model_names_are_refused(llama_dir: Path) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--model", f"a={llama_dir}", "--model", f"a={llama_dir}"])
+
+
+def test_every_limit_has_a_flag_and_reaches_the_config() -> None:
+    defaults = Limits()
+    argv, expected = [], {}
+    for i, f in enumerate(dataclasses.fields(Limits)):
+        value = getattr(defaults, f.name) - 1 - i  # distinct, still valid
+        argv += [f"--{f.name.replace('_', '-')}", str(value)]
+        expected[f.name] = value
+    config = parse_args(argv)
+    assert dataclasses.asdict(config.limits) == expected
+
+
+async def test_get_server_info_lists_every_limit(llama_dir: Path) -> None:
+    limits = Limits(max_sessions=5, max_inflight_per_session=7, max_samples_per_call=9, max_sessions_per_key=3)
+    config = ServerConfig(models={"m": llama_dir}, port=0, device="cpu", limits=limits)
+    async with TrainerServer(config) as server, AsyncServiceClient(server.address) as service:
+        info = await service.get_server_info()
+    assert info.limits == dataclasses.asdict(limits)

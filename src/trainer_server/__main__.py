@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -61,8 +62,14 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default=None,
         help="where checkpoints are written (default: $TRAINER_HOME/checkpoints)",
     )
-    parser.add_argument("--max-sessions", type=int, default=Limits.max_sessions)
-    parser.add_argument("--max-tokens-per-call", type=int, default=Limits.max_tokens_per_call)
+    for limit in dataclasses.fields(Limits):  # every limit, as --max-tokens-per-call etc.
+        parser.add_argument(
+            f"--{limit.name.replace('_', '-')}",
+            type=int,
+            default=limit.default,
+            metavar="N",
+            help=f"limit (default {limit.default}; see GetServerInfo)",
+        )
     parser.add_argument(
         "--api-key-file",
         type=Path,
@@ -107,20 +114,23 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     names = [n for n, _ in args.model]
     if len(set(names)) != len(names):
         parser.error(f"model names must be unique, got {names}")
-    return ServerConfig(
-        models=dict(args.model),
-        host=args.host,
-        port=args.port,
-        device=args.device,
-        dtype=args.dtype,
-        checkpoint_dir=args.checkpoint_dir,
-        api_keys=load_api_keys(args.api_key_file),
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        limits=Limits(max_sessions=args.max_sessions, max_tokens_per_call=args.max_tokens_per_call),
-        cluster_timeout_s=args.cluster_timeout,
-        heartbeat_s=min(ServerConfig.heartbeat_s, args.cluster_timeout / 3),
-    )
+    try:
+        return ServerConfig(
+            models=dict(args.model),
+            host=args.host,
+            port=args.port,
+            device=args.device,
+            dtype=args.dtype,
+            checkpoint_dir=args.checkpoint_dir,
+            api_keys=load_api_keys(args.api_key_file),
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
+            cluster_timeout_s=args.cluster_timeout,
+            heartbeat_s=min(ServerConfig.heartbeat_s, args.cluster_timeout / 3),
+        )
+    except ValueError as exc:  # a limit or setting out of range
+        parser.error(str(exc))
 
 
 async def serve(config: ServerConfig, cluster: Cluster | None = None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import itertools
 import logging
@@ -486,13 +487,7 @@ class Runtime:
             devices=self.devices,
             world_size=self.cluster.world_size,
             distributed_mode=self.cluster.mode,
-            limits=pb.Limits(
-                max_tokens_per_call=limits.max_tokens_per_call,
-                max_datums_per_call=limits.max_datums_per_call,
-                max_sessions=limits.max_sessions,
-                max_message_bytes=limits.max_message_bytes,
-                chunk_bytes=limits.chunk_bytes,
-            ),
+            limits=pb.Limits(**dataclasses.asdict(limits)),
             capabilities=list(CAPABILITIES),
             loss_functions=sorted(LOSSES),
         )

@@ -425,11 +425,17 @@ class Limits(_message.Message):
     MAX_SESSIONS_FIELD_NUMBER: _builtins.int
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
     CHUNK_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_SAMPLES_PER_CALL_FIELD_NUMBER: _builtins.int
+    MAX_SESSIONS_PER_KEY_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_PER_SESSION_FIELD_NUMBER: _builtins.int
     max_tokens_per_call: _builtins.int
     max_datums_per_call: _builtins.int
     max_sessions: _builtins.int
     max_message_bytes: _builtins.int
     chunk_bytes: _builtins.int
+    max_samples_per_call: _builtins.int
+    max_sessions_per_key: _builtins.int
+    max_inflight_per_session: _builtins.int
     def __init__(
         self,
         *,
@@ -438,10 +444,13 @@ class Limits(_message.Message):
         max_sessions: _builtins.int = ...,
         max_message_bytes: _builtins.int = ...,
         chunk_bytes: _builtins.int = ...,
+        max_samples_per_call: _builtins.int = ...,
+        max_sessions_per_key: _builtins.int = ...,
+        max_inflight_per_session: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "max_datums_per_call", b"max_datums_per_call", "max_message_bytes", b"max_message_bytes", "max_sessions", b"max_sessions", "max_tokens_per_call", b"max_tokens_per_call"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk_bytes", b"chunk_bytes", "max_datums_per_call", b"max_datums_per_call", "max_inflight_per_session", b"max_inflight_per_session", "max_message_bytes", b"max_message_bytes", "max_samples_per_call", b"max_samples_per_call", "max_sessions", b"max_sessions", "max_sessions_per_key", b"max_sessions_per_key", "max_tokens_per_call", b"max_tokens_per_call"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
