@@ -128,9 +128,13 @@ class Runtime:
         Raises:
             ServiceError: the operation's error; UNAVAILABLE once a rank is lost.
         """
-        self._check_ready(loading_ok=isinstance(op, _ops.Hello))
+        return await self._on_ranks(self.engine.run, op, loading_ok=isinstance(op, _ops.Hello))
+
+    async def _on_ranks(self, fn: Callable[..., T], *args: Any, loading_ok: bool = False) -> T:
+        """Run ``fn`` (which runs ops) on the device thread; a failed collective breaks the server."""
+        self._check_ready(loading_ok=loading_ok)
         try:
-            return await self.on_device(self.engine.run, op)
+            return await self.on_device(fn, *args)
         except ClusterFailure as exc:
             await self._break(str(exc))
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, self.broken) from None
@@ -238,18 +242,25 @@ class Runtime:
         Raises:
             ServiceError: INVALID_ARGUMENT when the loss is not finite (nothing is applied).
         """
-        handle, logprobs = await self.forward_held(session, batch)
-        try:
-            leaf = logprobs.detach().requires_grad_(True)
-            loss, metrics = loss_fn(leaf, batch, config)
-            if not bool(torch.isfinite(loss)):
-                raise invalid_argument(f"{loss_fn.__name__} loss is {float(loss)}; nothing was applied")
-            (grad,) = torch.autograd.grad(loss, leaf)
-        except BaseException:
-            self.release(handle)
-            raise
-        await self.backward(session, handle, grad)
-        return logprobs, float(loss.detach()), metrics
+        handle = next(self._handles)
+
+        def run() -> tuple[torch.Tensor, float, dict[str, float]]:  # one device job: no loop round trips
+            try:
+                logprobs = _concat(self.engine.run(_ops.Forward(session.id, batch, grad=True, handle=handle)))
+                leaf = logprobs.detach().requires_grad_(True)
+                loss, metrics = loss_fn(leaf, batch, config)
+                if not bool(torch.isfinite(loss)):
+                    raise invalid_argument(f"{loss_fn.__name__} loss is {float(loss)}; nothing was applied")
+                (grad,) = torch.autograd.grad(loss, leaf)
+            except ClusterFailure:
+                raise
+            except BaseException:  # a bad loss value, a worker's error: drop the graph on every rank
+                self.engine.run(_ops.Release(handle))
+                raise
+            self.engine.run(_ops.Backward(session.id, handle, grad))
+            return logprobs, float(loss.detach()), metrics
+
+        return await self._on_ranks(run)
 
     async def optim_step(self, session: Session, settings: AdamSettings) -> tuple[int, float]:
         """Sum the ranks' gradients and apply AdamW; returns (step, gradient norm)."""
