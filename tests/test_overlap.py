@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
+import pytest
 import torch
 from conftest import LLAMA, server_session, state_hash
 
@@ -125,4 +127,35 @@ async def test_a_call_ahead_survives_the_previous_call_failing(
 
     ref = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
     await ref.forward_backward_custom(data[1], loss)
+    assert state_hash(server_session(server, tc)) == state_hash(server_session(server, ref))
+
+
+async def test_next_calls_device_work_is_queued_while_the_previous_runs(
+    server: TrainerServer, service: AsyncServiceClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The device thread never waits for the event loop between a session's pipelined calls."""
+    from trainer_server._engine import SessionModel
+
+    assert server.runtime is not None
+    queue = server.runtime._executor._work_queue  # type: ignore[attr-defined]
+    seen: list[int] = []
+    original = SessionModel.backward
+
+    def slow_backward(self: SessionModel, *args: Any) -> Any:
+        time.sleep(0.3)  # by now the optim_step submitted behind this call has queued its work
+        seen.append(queue.qsize())
+        return original(self, *args)
+
+    monkeypatch.setattr(SessionModel, "backward", slow_backward)
+    tc = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    data = batches(1)[0]
+    fb = tc.forward_backward(data, "cross_entropy")
+    step = tc.optim_step(ADAM)
+    await fb
+    await step
+    assert seen == [1]  # the step's work was already waiting on the device thread's queue
+
+    ref = await service.create_training_client(LLAMA, lora_rank=8, seed=1)
+    await ref.forward_backward(data, "cross_entropy")
+    await ref.optim_step(ADAM)
     assert state_hash(server_session(server, tc)) == state_hash(server_session(server, ref))

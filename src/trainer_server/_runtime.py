@@ -38,7 +38,7 @@ from trainer_server._engine import AdamSettings, SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found
 from trainer_server._losses import LOSSES, LossResult
 from trainer_server._models import BaseModel, load_base_model
-from trainer_server._sessions import SequencedCall, Session, SessionRegistry, new_session_id
+from trainer_server._sessions import SequencedCall, Session, SessionRegistry, committing_call, new_session_id
 from trainer_server.builtin_models import trainer_home
 
 __all__ = ["CAPABILITIES", "Runtime", "server_version"]
@@ -118,9 +118,17 @@ class Runtime:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-device")
 
     async def on_device(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
-        """Run ``fn`` on the device thread and wait for it."""
+        """Run ``fn`` on the device thread and wait for it.
+
+        Inside a call's committed work (``SequencedCall.commit``), the call is told as soon
+        as the work is queued, so the session's next calls can queue theirs behind it.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        future = loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        call = committing_call()
+        if call is not None:
+            call.device_queued()
+        return await future
 
     async def run_op(self, op: _ops.Op) -> Any:
         """Run an operation on every rank (on the device thread); see :meth:`_ops.Engine.run`.

@@ -309,7 +309,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             if call.replay is None:
                 dtype = _logprobs_dtype(start.logprobs_dtype)
                 batch = await self._parse(datums, session)
-                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s, queued=True)
 
                 async def apply() -> list[Any]:
                     logprobs = await self.runtime.forward(session, batch)
@@ -337,7 +337,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 batch = await self._parse(datums, session)
                 config = dict(start.loss_fn_config)
                 validate_loss(start.loss_fn, batch, config)  # refused before its turn, with no model work
-                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s, queued=True)
 
                 async def apply() -> list[Any]:
                     logprobs, loss, metrics = await self.runtime.forward_backward(session, batch, loss_fn, config)
@@ -391,7 +391,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 responses = self._logprobs_messages("ForwardBackwardCustom", logprobs, batch.lengths, dtype)
                 await self._write_all(context, responses)
                 grad = await self._read_gradient(context, batch.lengths, hasher)
-                await call.wait_turn(gap_timeout_s)  # gradients accumulate in sequence order
+                await call.wait_turn(gap_timeout_s, queued=True)  # gradients accumulate in sequence order
             except BaseException:
                 self.runtime.release(handle)  # drop the graph on every rank; nothing is applied
                 raise
@@ -415,7 +415,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
         async def run(session: Session, call: SequencedCall) -> pb.OptimStepResponse:
             settings = AdamSettings(request.adam_params)
-            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
+            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s, queued=True)
 
             async def apply() -> pb.OptimStepResponse:
                 step, norm = await self.runtime.optim_step(session, settings)

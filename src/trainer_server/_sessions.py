@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import time
 import uuid
@@ -38,6 +39,7 @@ __all__ = [
     "SequencedCall",
     "Session",
     "SessionRegistry",
+    "committing_call",
     "new_session_id",
 ]
 
@@ -48,6 +50,15 @@ MAX_STORED_OUTCOMES = 32
 """Finished calls per session whose responses are kept to answer retries."""
 
 T = TypeVar("T")
+
+_COMMITTING: contextvars.ContextVar[SequencedCall | None] = contextvars.ContextVar("committing", default=None)
+"""The call whose :meth:`SequencedCall.commit` work is running in this task, if any."""
+
+
+def committing_call() -> SequencedCall | None:
+    """The sequenced call whose committed work is running in the current task, if any."""
+    return _COMMITTING.get()
+
 
 log = logging.getLogger("trainer_server.sessions")
 
@@ -72,6 +83,7 @@ class Session:
         self._outcomes: OrderedDict[int, Outcome] = OrderedDict()
         self._claimed_fingerprints: dict[int, bytes] = {}  # of the calls in _seen
         self._past_forward: set[int] = set()  # running calls whose forward is done (see wait_turn)
+        self._queued: set[int] = set()  # running calls whose last device work is queued (see wait_turn)
 
     def _advance(self) -> None:
         while self.next_seq in self._done_early:
@@ -79,11 +91,16 @@ class Session:
             self.next_seq += 1
         self._done_early = {n for n in self._done_early if n > self.next_seq}
 
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
     async def _finish(self, seq: int, *, had_turn: bool) -> None:
         async with self._changed:
             self._seen.discard(seq)
             self._claimed_fingerprints.pop(seq, None)
             self._past_forward.discard(seq)
+            self._queued.discard(seq)
             if had_turn:
                 self.next_seq = max(self.next_seq, seq + 1)  # never move back over numbers already used
             elif seq >= self.next_seq:
@@ -193,6 +210,7 @@ class SequencedCall:
         self.had_turn = False
         self.replay = replay
         self.committing: asyncio.Task[Any] | None = None
+        self._wake: asyncio.Future[None] | None = None
 
     async def commit(self, work: Coroutine[Any, Any, T], *, record: bool = False) -> T:
         """Run ``work`` to its end even if this call is cancelled (its client went away).
@@ -208,6 +226,7 @@ class SequencedCall:
         """
 
         async def run() -> T:
+            _COMMITTING.set(self)  # Runtime.on_device reports queued device work to this call
             result = await work
             if record:
                 self.session.record(self.seq, self.fingerprint, [result])
@@ -216,8 +235,13 @@ class SequencedCall:
         self.committing = asyncio.ensure_future(run())
         return await asyncio.shield(self.committing)
 
-    async def wait_turn(self, gap_timeout_s: float, *, ahead: bool = False) -> None:
+    async def wait_turn(self, gap_timeout_s: float, *, ahead: bool = False, queued: bool = False) -> None:
         """Wait until every earlier call of the session has finished.
+
+        With ``queued`` (only device work follows), also return once every earlier call has
+        queued its last device work (see :meth:`commit`): the device thread runs work in the
+        order it was queued, so this call's work still runs after theirs, and the device
+        does not idle while the event loop finishes the earlier calls.
 
         With ``ahead`` (a forward that changes nothing), also return when the one call
         still unfinished before this one is past its forward (:meth:`forward_done`):
@@ -236,7 +260,14 @@ class SequencedCall:
         gap_since: float | None = None
 
         def ready() -> bool:
-            return s.next_seq >= self.seq or (ahead and s.next_seq == self.seq - 1 and s.next_seq in s._past_forward)
+            if s.next_seq >= self.seq:
+                return True
+            if not (ahead or queued):
+                return False
+            last = self.seq - 1
+            if ahead and last in s._past_forward:  # one call ahead of a forward waiting for its gradient
+                last -= 1
+            return all(n in s._queued for n in range(s.next_seq, last + 1))
 
         async with s._changed:
             while not s.closed and not ready():
@@ -272,6 +303,15 @@ class SequencedCall:
             raise not_found(f"session {s.id} is closed")
         if s.next_seq >= self.seq:
             self.had_turn = True
+
+    def device_queued(self) -> None:
+        """Note that the call's last device work is queued; later calls may queue theirs now.
+
+        See ``wait_turn(queued=True)``.
+        """
+        s = self.session
+        s._queued.add(self.seq)
+        self._wake = asyncio.ensure_future(s._notify())
 
     async def forward_done(self) -> None:
         """Let the next call's forward run (see ``wait_turn(ahead=True)``)."""
