@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import LLAMA, server_session, state_hash
+from conftest import LLAMA, make_config, server_session, state_hash
 
 from trainer_client import AdamParams, AsyncServiceClient, Datum
-from trainer_server import TrainerServer
+from trainer_server import Limits, TrainerServer
 
 ADAM = AdamParams(learning_rate=1e-2)
 WAIT_S = 10.0
@@ -159,3 +160,15 @@ async def test_next_calls_device_work_is_queued_while_the_previous_runs(
     await ref.forward_backward(data, "cross_entropy")
     await ref.optim_step(ADAM)
     assert state_hash(server_session(server, tc)) == state_hash(server_session(server, ref))
+
+
+async def test_client_holds_calls_back_at_the_servers_inflight_limit(llama_dir: Path, qwen_dir: Path) -> None:
+    """Submitting far past the server's in-flight limit waits in the client instead of failing."""
+    config = make_config(llama_dir, qwen_dir, limits=Limits(max_inflight_per_session=3))
+    async with TrainerServer(config) as server, AsyncServiceClient(server.address) as service:
+        tc = await service.create_training_client(LLAMA, lora_rank=4, seed=1)
+        data = batches(1)[0]
+        futures = [f for _ in range(10) for f in (tc.forward_backward(data), tc.optim_step(ADAM))]
+        for f in futures:
+            await f  # none refused with RESOURCE_EXHAUSTED
+        assert server_session(server, tc).state.step == 10

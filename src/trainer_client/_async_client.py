@@ -219,6 +219,9 @@ class AsyncTrainingClient:
         self._loop = asyncio.get_running_loop()
         self._failed: list[APIFuture[Any]] = []
         self._closed = False
+        # The server refuses calls beyond its in-flight limit; hold them back here instead,
+        # so a loop may submit as far ahead as it likes.
+        self._slots = asyncio.Semaphore(response.max_inflight_calls or 1 << 30)
 
     # ---- sequencing and futures -----------------------------------------------------
 
@@ -248,13 +251,14 @@ class AsyncTrainingClient:
             # Safe to repeat: the server answers a retried (session, seq, same request)
             # with the stored outcome and never applies a call twice.
             attempts = self._service.config.retry_attempts
-            for attempt in range(attempts):
-                try:
-                    return await run(seq)
-                except UnavailableError:
-                    if attempt == attempts - 1:
-                        raise
-                await asyncio.sleep(random.uniform(0, self._service.config.retry_backoff_s * 2**attempt))
+            async with self._slots:
+                for attempt in range(attempts):
+                    try:
+                        return await run(seq)
+                    except UnavailableError:
+                        if attempt == attempts - 1:
+                            raise
+                    await asyncio.sleep(random.uniform(0, self._service.config.retry_backoff_s * 2**attempt))
             raise AssertionError("unreachable")
 
         task = loop.create_task(call(), name=f"trainer {name} #{seq}")

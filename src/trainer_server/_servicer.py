@@ -281,6 +281,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             trainable_parameters=session.state.num_trainable,
             total_parameters=session.state.num_total,
             next_seq=session.next_seq,
+            max_inflight_calls=session.max_inflight,
         )
 
     @translate_errors

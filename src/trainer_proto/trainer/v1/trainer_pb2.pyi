@@ -607,12 +607,17 @@ class CreateSessionResponse(_message.Message):
     TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
     TOTAL_PARAMETERS_FIELD_NUMBER: _builtins.int
     NEXT_SEQ_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_CALLS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     base_model: _builtins.str
     trainable_parameters: _builtins.int
     total_parameters: _builtins.int
     next_seq: _builtins.int
     """The sequence number the session's first call must carry."""
+    max_inflight_calls: _builtins.int
+    """Calls of this session that may be in flight at once (submitted, not finished);
+    clients hold further calls back rather than have them refused.
+    """
     def __init__(
         self,
         *,
@@ -621,10 +626,11 @@ class CreateSessionResponse(_message.Message):
         trainable_parameters: _builtins.int = ...,
         total_parameters: _builtins.int = ...,
         next_seq: _builtins.int = ...,
+        max_inflight_calls: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "next_seq", b"next_seq", "session_id", b"session_id", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "max_inflight_calls", b"max_inflight_calls", "next_seq", b"next_seq", "session_id", b"session_id", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
