@@ -20,7 +20,6 @@ loop (the sync facade runs that loop in a background thread).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -59,6 +58,7 @@ from trainer_client._types import (
     ServerInfo,
 )
 from trainer_proto import options, pb, pb_grpc, wire
+from trainer_proto.checksums import sha256_file
 
 __all__ = ["AsyncServiceClient", "AsyncTrainingClient"]
 
@@ -100,14 +100,6 @@ _REQUESTS: Mapping[str, Any] = {
     "ForwardBackwardCustom": pb.ForwardBackwardCustomRequest,
 }
 """Request message class of each datum-streaming RPC."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _sample_request(
@@ -685,7 +677,7 @@ class AsyncServiceClient:
             entry is not None
             and dest.is_file()
             and dest.stat().st_size == entry.size
-            and await asyncio.to_thread(_sha256, dest) == entry.sha256
+            and await asyncio.to_thread(sha256_file, dest) == entry.sha256
         ):
             bar.update(entry.size)
             return
@@ -711,7 +703,7 @@ class AsyncServiceClient:
                         bar.update(len(chunk.data))
 
         await self._with_retry("DownloadCheckpoint", attempt, retry=True)
-        if entry is not None and (offset != entry.size or await asyncio.to_thread(_sha256, part) != entry.sha256):
+        if entry is not None and (offset != entry.size or await asyncio.to_thread(sha256_file, part) != entry.sha256):
             part.unlink()
             raise DataLossError(
                 f"{file_name} of checkpoint {name!r} does not match its sha256; removed, retry the download",

@@ -4,8 +4,8 @@
 ``proto/`` by ``scripts/gen_protos.py``; ``wire`` encodes tensors as raw bytes plus spec.
 """
 
-from trainer_proto import options, wire
+from trainer_proto import checksums, options, wire
 from trainer_proto.trainer.v1 import trainer_pb2 as pb
 from trainer_proto.trainer.v1 import trainer_pb2_grpc as pb_grpc
 
-__all__ = ["options", "pb", "pb_grpc", "wire"]
+__all__ = ["checksums", "options", "pb", "pb_grpc", "wire"]

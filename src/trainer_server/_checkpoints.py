@@ -23,7 +23,6 @@ a phase (see :data:`SAVE_PHASES`), the process kills itself with SIGKILL on reac
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from trainer_proto.checksums import sha256_file
 from trainer_server._errors import ServiceError, invalid_argument, not_found
 
 __all__ = [
@@ -49,7 +49,6 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "fsync_dir",
-    "sha256_file",
     "validate_name",
 ]
 
@@ -81,15 +80,6 @@ def validate_name(name: str) -> str:
             "(at most 128 characters)"
         )
     return name
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fsync_dir(path: Path) -> None:
