@@ -119,14 +119,20 @@ def generate(
     """
     n = settings.num_samples
     generator = torch.Generator(device=device).manual_seed(settings.seed)
-    ids = prompt.to(device).unsqueeze(0).expand(n, -1).contiguous()
-    out = model(input_ids=ids, use_cache=True)
+    ids = prompt.to(device).unsqueeze(0)
+    out = model(input_ids=ids, use_cache=True)  # the prompt is prefilled once, whatever n is
     full = out.logits[0].float()
     prompt_lp = torch.log_softmax(full[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0].cpu()
-    logits = out.logits[:, -1].float()
     # transformers >= 5.2x names the KV cache `cache`; earlier releases `past_key_values`.
     cache_kw = "cache" if getattr(out, "cache", None) is not None else "past_key_values"
     past = getattr(out, cache_kw)
+    if n > 1:
+        if hasattr(past, "batch_repeat_interleave"):  # one cache row per sample
+            past.batch_repeat_interleave(n)
+        else:  # pragma: no cover - a cache without it: prefill every sample
+            out = model(input_ids=ids.expand(n, -1).contiguous(), use_cache=True)
+            past = getattr(out, cache_kw)
+    logits = out.logits[:, -1].float().expand(n, -1)
     tokens: list[list[int]] = [[] for _ in range(n)]
     logprobs: list[list[float]] = [[] for _ in range(n)]
     reasons: list[str | None] = [None] * n
