@@ -413,44 +413,46 @@ class Runtime:
                 )
             await asyncio.to_thread(store.verify, state.last_base)
 
-        def save() -> Manifest:
-            extra: dict[str, Any] = {}
-            export_dtype = dtype
+        def write_files(tmp: Path) -> tuple[torch.dtype, dict[str, Any], int]:
+            """Device thread: write the session's state as of now (training waits meanwhile)."""
+            if kind == "base":
+                _export.write_base(state, tmp, dtype)
+                return dtype, {}, state.step
+            if kind == "delta":
+                base_dir = store.path(state.last_base)
+                extra = _export.write_delta(state, tmp, base_dir)
+                return _export.base_dtype(base_dir), extra, state.step
+            if kind == "adapter":
+                _export.write_adapter(state, tmp)
+            else:
+                _export.write_state(state, tmp, base_model=session.base.name, last_base=state.last_base)
+            return torch.float32, {}, state.step
+
+        async def apply() -> T:
             with store.writing(request.name) as tmp:
-                if kind == "base":
-                    _export.write_base(state, tmp, dtype)
-                elif kind == "delta":
-                    base_dir = store.path(state.last_base)
-                    export_dtype = _export.base_dtype(base_dir)
-                    extra = _export.write_delta(state, tmp, base_dir)
-                elif kind == "adapter":
-                    export_dtype = torch.float32
-                    _export.write_adapter(state, tmp)
-                else:
-                    export_dtype = torch.float32
-                    _export.write_state(state, tmp, base_model=session.base.name, last_base=state.last_base)
-                manifest = store.commit(
+                export_dtype, extra, step = await self.on_device(write_files, tmp)
+                base_checkpoint = state.last_base if kind == "delta" else ""
+                # Hashing, fsync and the rename run off the device thread: other work goes on meanwhile.
+                manifest = await asyncio.to_thread(
+                    store.commit,
                     tmp,
                     lambda files: Manifest(
                         name=request.name,
                         kind=kind,
                         base_model=session.base.name,
                         session_id=session.id,
-                        step=state.step,
+                        step=step,
                         seq=call.seq,
                         dtype=str(export_dtype).removeprefix("torch."),
                         created_at=_now(),
                         files=files,
-                        base_checkpoint=state.last_base if kind == "delta" else "",
+                        base_checkpoint=base_checkpoint,
                         extra=extra,
                     ),
                 )
             if kind == "base":
                 state.last_base = request.name
-            return manifest
-
-        async def apply() -> T:
-            return respond(await self.on_device(save))
+            return respond(manifest)
 
         return await call.commit(apply(), record=True)
 
