@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -103,3 +104,28 @@ async def test_custom_call_cancelled_during_its_backward_is_applied_once(
     assert 1 in session._outcomes  # finished and stored: a retry is answered with it
     await ref.forward_backward_custom(data(), loss)
     assert state_hash(session) == state_hash(server_session(server, ref))  # applied exactly once
+
+
+async def test_other_sessions_run_while_a_checkpoint_is_hashed_and_committed(
+    server: TrainerServer, service: AsyncServiceClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer_server._checkpoints import CheckpointStore
+
+    original = CheckpointStore.commit
+
+    def slow_commit(self: CheckpointStore, *args: Any) -> Any:
+        time.sleep(1.5)  # a big checkpoint's hashing and fsync
+        return original(self, *args)
+
+    monkeypatch.setattr(CheckpointStore, "commit", slow_commit)
+    saver = await service.create_training_client(LLAMA, lora_rank=4, seed=1)
+    other = await service.create_training_client(LLAMA, lora_rank=4, seed=2)
+    await other.forward(data())  # warm
+    name = f"slow-{uuid.uuid4().hex[:8]}"  # the fixture's checkpoint directory outlives the test
+    save = saver.save_checkpoint(name, "state")
+    await asyncio.sleep(0.4)  # the files are written; the commit is under way
+    started = time.monotonic()
+    await other.forward(data())
+    elapsed = time.monotonic() - started
+    assert not save.done() and elapsed < 1.0, elapsed  # the device thread was free
+    assert (await save).name == name
