@@ -427,3 +427,27 @@ def test_unsupported_accelerate_modes_are_refused(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP is not supported"):
         init_cluster("cpu")
+
+
+async def _pipelined(address: str, batch: list[Datum]) -> tuple[list[float], torch.Tensor]:
+    """Two windows of three custom calls + a step, each window submitted at once (overlap and queueing on)."""
+    async with AsyncServiceClient(address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=4, seed=21)
+        norms = []
+        for _ in range(2):
+            calls = [tc.forward_backward_custom(batch, squared_loss) for _ in range(3)]
+            step = tc.optim_step(ADAM)
+            for c in calls:
+                await c
+            norms.append((await step).grad_norm)
+        logprobs = torch.cat((await tc.forward(batch)).logprobs)
+        await tc.close()
+    return norms, logprobs
+
+
+async def test_pipelined_windows_match_one_process(two: Launched, one: TrainerServer) -> None:
+    batch = uneven_batch()
+    single = await _pipelined(one.address, batch)
+    double = await _pipelined(two.address, batch)
+    close(torch.tensor(single[0]), torch.tensor(double[0]))
+    close(single[1], double[1])
