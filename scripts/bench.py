@@ -47,7 +47,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,75 +278,69 @@ _Req = pb.ForwardBackwardCustomRequest
 _Resp = pb.ForwardBackwardCustomResponse
 
 
-async def _grpc_echo(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """Echo a chunked tensor the way the service moves gradients in and logprobs out.
-
-    Reads ``grad_header`` + ``grad_chunk`` messages into a :class:`wire.ChunkAssembler`
-    (decoding into a tensor), then streams the tensor back as ``logprobs_header`` +
-    ``logprobs_chunk`` messages made by :func:`wire.chunk_tensor`, with ``context.read`` /
-    ``context.write`` exactly as the servicer does.
-    """
-    chunk_bytes = int(dict(context.invocation_metadata() or ()).get("x-chunk-bytes", wire.DEFAULT_CHUNK_BYTES))
-    header = (await context.read()).grad_header
-    assembler = wire.ChunkAssembler(header, "gradient", max_bytes=1 << 34)
-    while not assembler.done:
-        assembler.add((await context.read()).grad_chunk)
-    tensor = assembler.tensor()
-    await context.write(_Resp(logprobs_header=wire.stream_header(tensor, list(header.lengths))))
-    for chunk in wire.chunk_tensor(tensor, chunk_bytes):
-        await context.write(_Resp(logprobs_chunk=chunk))
-
-
-async def grpc_roundtrip(channel: grpc.aio.Channel, tensor: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """Client side of the gRPC echo: encode, send, receive, decode into a tensor."""
-    call: Any = channel.stream_stream(
-        ECHO_METHOD, request_serializer=_Req.SerializeToString, response_deserializer=_Resp.FromString
-    )(metadata=(("x-chunk-bytes", str(chunk_bytes)),))
-    lengths = [tensor.numel()]
-    await call.write(_Req(grad_header=wire.stream_header(tensor, lengths)))
-    for chunk in wire.chunk_tensor(tensor, chunk_bytes):
-        await call.write(_Req(grad_chunk=chunk))
-    await call.done_writing()
-    header = (await call.read()).logprobs_header
-    assembler = wire.ChunkAssembler(header, "logprobs", max_bytes=1 << 34, expected_lengths=lengths)
-    while not assembler.done:
-        assembler.add((await call.read()).logprobs_chunk)
-    if await call.read() is not grpc.aio.EOF or await call.code() != grpc.StatusCode.OK:
-        raise RuntimeError("echo stream did not end cleanly")
-    return assembler.tensor()
-
-
-# -- the service's format: the chunk fast path of trainer_proto.wire (STREAM_CODECS) --
-#
-# The same bytes on the wire as above, but chunk messages are written as ready bytes (header
-# bytes + the tensor's bytes, one copy) and read as views of the received bytes (no protobuf
-# objects), still validated by ChunkAssembler. This is what the service and client use.
+# Two formats carry the same bytes: one protobuf message object per chunk (chunk_tensor +
+# SerializeToString / FromString, the format before the fast path), and the service's own
+# fast path (`wire.STREAM_CODECS`: chunk messages written as ready bytes, one copy, and read as
+# views of the received bytes, no protobuf objects). Both are still checked by ChunkAssembler.
 
 _REQ_CODEC, _RESP_CODEC = wire.STREAM_CODECS["ForwardBackwardCustom"]
 
 
-async def _grpc_echo_fast(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-    """:func:`_grpc_echo` in the service's format (the handler is registered with its codecs)."""
-    chunk_bytes = int(dict(context.invocation_metadata() or ()).get("x-chunk-bytes", wire.DEFAULT_CHUNK_BYTES))
-    header = (await context.read()).grad_header
-    assembler = wire.ChunkAssembler(header, "gradient", max_bytes=1 << 34)
-    while not assembler.done:
-        assembler.add((await context.read()).grad_chunk)
-    tensor = assembler.tensor()
-    await context.write(_Resp(logprobs_header=wire.stream_header(tensor, list(header.lengths))))
-    for raw in _RESP_CODEC.chunk_messages(tensor, chunk_bytes):
-        await context.write(raw)
+def _chunk_messages(tensor: torch.Tensor, chunk_bytes: int, *, fast: bool, response: bool) -> Iterator[Any]:
+    """A tensor's chunk messages in either format (``response``: logprobs_chunk, else grad_chunk)."""
+    if fast:
+        return (_RESP_CODEC if response else _REQ_CODEC).chunk_messages(tensor, chunk_bytes)
+    chunks = wire.chunk_tensor(tensor, chunk_bytes)
+    if response:
+        return (_Resp(logprobs_chunk=chunk) for chunk in chunks)
+    return (_Req(grad_chunk=chunk) for chunk in chunks)
 
 
-async def grpc_roundtrip_fast(channel: grpc.aio.Channel, tensor: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
-    """Client side of the echo in the service's format (as ``AsyncTrainingClient`` sends and reads)."""
-    call: Any = channel.stream_stream(
-        ECHO_FAST_METHOD, request_serializer=_REQ_CODEC.serialize, response_deserializer=_RESP_CODEC.deserialize
-    )(metadata=(("x-chunk-bytes", str(chunk_bytes)),))
+def _echo_handler(*, fast: bool) -> Any:
+    """A stream handler echoing a chunked tensor the way the service moves gradients in and logprobs out.
+
+    Reads ``grad_header`` + ``grad_chunk`` messages into a :class:`wire.ChunkAssembler`
+    (decoding into a tensor), then streams the tensor back as ``logprobs_header`` +
+    ``logprobs_chunk`` messages, with ``context.read`` / ``context.write`` as the servicer does.
+    """
+
+    async def echo(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        chunk_bytes = int(metadata.get("x-chunk-bytes", wire.DEFAULT_CHUNK_BYTES))
+        header = (await context.read()).grad_header
+        assembler = wire.ChunkAssembler(header, "gradient", max_bytes=1 << 34)
+        while not assembler.done:
+            assembler.add((await context.read()).grad_chunk)
+        tensor = assembler.tensor()
+        await context.write(_Resp(logprobs_header=wire.stream_header(tensor, list(header.lengths))))
+        for msg in _chunk_messages(tensor, chunk_bytes, fast=fast, response=True):
+            await context.write(msg)
+
+    if fast:
+        return grpc.stream_stream_rpc_method_handler(
+            echo, request_deserializer=_REQ_CODEC.deserialize, response_serializer=_RESP_CODEC.serialize
+        )
+    return grpc.stream_stream_rpc_method_handler(
+        echo, request_deserializer=_Req.FromString, response_serializer=_Resp.SerializeToString
+    )
+
+
+async def grpc_roundtrip(
+    channel: grpc.aio.Channel, tensor: torch.Tensor, chunk_bytes: int, *, fast: bool = True
+) -> torch.Tensor:
+    """Client side of the gRPC echo: encode, send, receive, decode into a tensor (as the client does)."""
+    method, serialize, deserialize = (
+        (ECHO_FAST_METHOD, _REQ_CODEC.serialize, _RESP_CODEC.deserialize)
+        if fast
+        else (ECHO_METHOD, _Req.SerializeToString, _Resp.FromString)
+    )
+    call: Any = channel.stream_stream(method, request_serializer=serialize, response_deserializer=deserialize)(
+        metadata=(("x-chunk-bytes", str(chunk_bytes)),)
+    )
     lengths = [tensor.numel()]
     await call.write(_Req(grad_header=wire.stream_header(tensor, lengths)))
-    for raw in _REQ_CODEC.chunk_messages(tensor, chunk_bytes):
-        await call.write(raw)
+    for msg in _chunk_messages(tensor, chunk_bytes, fast=fast, response=False):
+        await call.write(msg)
     await call.done_writing()
     header = (await call.read()).logprobs_header
     assembler = wire.ChunkAssembler(header, "logprobs", max_bytes=1 << 34, expected_lengths=lengths)
@@ -420,14 +414,12 @@ async def bench_wire(args: argparse.Namespace, report: Report) -> None:
     slow_sizes = {1} if args.quick else {1, 16}  # JSON / repeated float: slow, so measured at these
     reps = 2 if args.quick else 5
     server = grpc.aio.server(options=options.grpc_options(max_message_bytes=64 * MIB, server=True))
-    handler = grpc.stream_stream_rpc_method_handler(
-        _grpc_echo, request_deserializer=_Req.FromString, response_serializer=_Resp.SerializeToString
-    )
-    fast = grpc.stream_stream_rpc_method_handler(
-        _grpc_echo_fast, request_deserializer=_REQ_CODEC.deserialize, response_serializer=_RESP_CODEC.serialize
-    )
     server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": handler, "EchoFast": fast}),)
+        (
+            grpc.method_handlers_generic_handler(
+                ECHO_SERVICE, {"Echo": _echo_handler(fast=False), "EchoFast": _echo_handler(fast=True)}
+            ),
+        )
     )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -453,8 +445,8 @@ async def bench_wire(args: argparse.Namespace, report: Report) -> None:
         return fn(t)
 
     methods: dict[str, Callable[[torch.Tensor], Awaitable[torch.Tensor]]] = {
-        "grpc": lambda t: grpc_roundtrip_fast(channel, t, wire.DEFAULT_CHUNK_BYTES),
-        "msgs": lambda t: grpc_roundtrip(channel, t, wire.DEFAULT_CHUNK_BYTES),
+        "grpc": lambda t: grpc_roundtrip(channel, t, wire.DEFAULT_CHUNK_BYTES),
+        "msgs": lambda t: grpc_roundtrip(channel, t, wire.DEFAULT_CHUNK_BYTES, fast=False),
         "tcp": tcp_roundtrip,
         "json": lambda t: as_async(json_roundtrip, t),
         "pb": lambda t: as_async(lambda x: pb_repeated_roundtrip(float_list, x), t),
@@ -486,7 +478,7 @@ async def bench_wire(args: argparse.Namespace, report: Report) -> None:
             for rep in range(2 if args.quick else 4):
                 for c in chunks if rep % 2 == 0 else chunks[::-1]:
                     sweep.setdefault((size, c), []).append(
-                        await timed(functools.partial(grpc_roundtrip_fast, channel, chunk_bytes=c), t)
+                        await timed(functools.partial(grpc_roundtrip, channel, chunk_bytes=c), t)
                     )
                 sweep_tcp.setdefault(size, []).append(await timed(tcp_roundtrip, t))
     finally:
