@@ -136,7 +136,7 @@ class Runtime:
         Raises:
             ServiceError: the operation's error; UNAVAILABLE once a rank is lost.
         """
-        return await self._on_ranks(self.engine.run, op, loading_ok=isinstance(op, _ops.Hello))
+        return await self._on_ranks(self.engine.run, op)
 
     async def _on_ranks(self, fn: Callable[..., T], *args: Any, loading_ok: bool = False) -> T:
         """Run ``fn`` (which runs ops) on the device thread; a failed collective breaks the server."""
@@ -159,7 +159,7 @@ class Runtime:
         """Load every configured base model (on the device thread) and meet the other ranks."""
         for name, path in self.model_paths.items():
             self.models[name] = await self.on_device(load_base_model, name, path, self.device, self.config.dtype)
-        hello = await self.run_op(_ops.Hello())
+        hello = await self._on_ranks(self.engine.run, _ops.Hello(), loading_ok=True)
         self.devices = [device for device, _ in hello]
         if self.cluster.distributed:
             log.info(
@@ -328,7 +328,7 @@ class Runtime:
         except ValueError as exc:  # peft rejects target modules that do not exist
             raise invalid_argument(f"cannot build the session: {exc}") from None
         state = self.engine.sessions[session_id]
-        session = self.sessions.add(base, state, owner, session_id=session_id)
+        session = self.sessions.add(session_id, base, state, owner)
         log.info(
             "session %s created on %r (%s, %d trainable parameters)",
             session.id,
@@ -358,7 +358,7 @@ class Runtime:
         await asyncio.to_thread(store.verify, manifest.name)
         session_id = new_session_id()
         await self.run_op(_ops.ResumeSession(session_id, base.name, str(directory.resolve())))
-        session = self.sessions.add(base, self.engine.sessions[session_id], owner, session_id=session_id)
+        session = self.sessions.add(session_id, base, self.engine.sessions[session_id], owner)
         log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
         return session
 
@@ -415,18 +415,19 @@ class Runtime:
 
         def write_files(tmp: Path) -> tuple[torch.dtype, dict[str, Any], int]:
             """Device thread: write the session's state as of now (training waits meanwhile)."""
+            export_dtype, extra = torch.float32, {}
             if kind == "base":
                 _export.write_base(state, tmp, dtype)
-                return dtype, {}, state.step
-            if kind == "delta":
+                export_dtype = dtype
+            elif kind == "delta":
                 base_dir = store.path(state.last_base)
                 extra = _export.write_delta(state, tmp, base_dir)
-                return _export.base_dtype(base_dir), extra, state.step
-            if kind == "adapter":
+                export_dtype = _export.base_dtype(base_dir)
+            elif kind == "adapter":
                 _export.write_adapter(state, tmp)
             else:
                 _export.write_state(state, tmp, base_model=session.base.name, last_base=state.last_base)
-            return torch.float32, {}, state.step
+            return export_dtype, extra, state.step
 
         async def apply() -> T:
             with store.writing(request.name) as tmp:

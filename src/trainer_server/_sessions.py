@@ -315,10 +315,8 @@ class SequencedCall:
 
     async def forward_done(self) -> None:
         """Let the next call's forward run (see ``wait_turn(ahead=True)``)."""
-        s = self.session
-        async with s._changed:
-            s._past_forward.add(self.seq)
-            s._changed.notify_all()
+        self.session._past_forward.add(self.seq)
+        await self.session._notify()
 
 
 def new_session_id() -> str:
@@ -351,10 +349,9 @@ class SessionRegistry:
                 "close one first"
             )
 
-    def add(self, base: BaseModel, state: SessionModel, owner: str = "", *, session_id: str = "") -> Session:
-        """Register a new session of ``owner`` (under a fresh id unless one is given)."""
+    def add(self, session_id: str, base: BaseModel, state: SessionModel, owner: str = "") -> Session:
+        """Register a new session of ``owner`` under ``session_id`` (see :func:`new_session_id`)."""
         self.check_capacity(owner)
-        session_id = session_id or new_session_id()
         session = Session(session_id, base, state, owner=owner, max_inflight=self.max_inflight)
         self._sessions[session.id] = session
         return session
