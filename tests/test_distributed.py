@@ -2,14 +2,16 @@
 
 The two-process server is a real ``accelerate launch --multi_gpu --num_processes 2``
 (``ACCELERATE_USE_CPU=true``: two gloo ranks on this CPU) running ``python -m
-trainer_server``; the one-process reference is an in-process :class:`TrainerServer` on the
-same model files. Both are driven by the same client code. Compared after each run:
-losses and metrics, gradient norms, gradients (the first AdamW moment of a STATE
-checkpoint after step 1 is ``(1 - beta1) * grad``), weights after 3 steps (fp32 BASE
-checkpoints), and logprobs; for built-in and custom losses, LoRA and full sessions, a
-batch that does not split evenly over the ranks and a batch smaller than the world size.
-STATE checkpoints cross-load between the two; killing rank 1 mid-call ends in a client
-error within the deadline and a launcher that exits.
+trainer_server`` with the models replicated on both ranks, and again with ``--use_fsdp
+--fsdp_version 2`` (every session model sharded over the two ranks by FSDP2); the
+one-process reference is an in-process :class:`TrainerServer` on the same model files.
+All are driven by the same client code. Compared after each run: losses and metrics,
+gradient norms, gradients (the first AdamW moment of a STATE checkpoint after step 1 is
+``(1 - beta1) * grad``), weights after 3 steps (fp32 BASE checkpoints), logprobs and
+seeded samples; for built-in and custom losses, LoRA and full sessions, a batch that does
+not split evenly over the ranks and a batch smaller than the world size; BASE, DELTA and
+ADAPTER exports. STATE checkpoints cross-load between the layouts; killing rank 1 mid-call
+ends in a client error within the deadline and a launcher that exits.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Launched:
     proc: subprocess.Popen[str]
     address: str
     checkpoint_dir: Path
+    fsdp: bool = False
     lines: list[str] = field(default_factory=list)
 
     def rank_pid(self, rank: int) -> int:
@@ -94,8 +97,20 @@ class Launched:
         return self.proc.returncode
 
 
-def launch(model_dir: Path, checkpoint_dir: Path, home: Path, *extra: str) -> Launched:
-    """Start a two-process server under ``accelerate launch`` and wait until it serves."""
+FSDP_ARGS = (
+    "--use_fsdp",
+    "--fsdp_version",
+    "2",
+    "--fsdp_auto_wrap_policy",
+    "TRANSFORMER_BASED_WRAP",
+    "--fsdp_reshard_after_forward",
+    "true",
+)
+"""What a user passes to ``accelerate launch`` (or puts in its config) for FSDP2."""
+
+
+def launch(model_dir: Path, checkpoint_dir: Path, home: Path, *extra: str, fsdp: bool = False) -> Launched:
+    """Start a two-process server under ``accelerate launch`` (replicated, or FSDP) and wait until it serves."""
     env = {
         **os.environ,
         "ACCELERATE_USE_CPU": "true",
@@ -107,7 +122,7 @@ def launch(model_dir: Path, checkpoint_dir: Path, home: Path, *extra: str) -> La
     cmd = [
         str(accelerate),
         "launch",
-        "--multi_gpu",
+        *(FSDP_ARGS if fsdp else ("--multi_gpu",)),
         "--num_processes",
         "2",
         "--num_machines",
@@ -131,7 +146,7 @@ def launch(model_dir: Path, checkpoint_dir: Path, home: Path, *extra: str) -> La
         *extra,
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    launched = Launched(proc, "", checkpoint_dir)
+    launched = Launched(proc, "", checkpoint_dir, fsdp)
     ready = threading.Event()
 
     def pump() -> None:
@@ -157,11 +172,13 @@ def model_dir(llama_dir: Path) -> Path:
     return llama_dir
 
 
-@pytest.fixture(scope="module")
-def two(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launched]:
-    """One two-process server for the module."""
-    root = tmp_path_factory.mktemp("two")
-    launched = launch(model_dir, root / "checkpoints", root / "home")
+@pytest.fixture(scope="module", params=["replicated", "fsdp"])
+def two(
+    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Launched]:
+    """A two-process server for the module: models replicated on both ranks, or FSDP-sharded."""
+    root = tmp_path_factory.mktemp(request.param)
+    launched = launch(model_dir, root / "checkpoints", root / "home", fsdp=request.param == "fsdp")
     yield launched
     code = launched.stop()
     log = "".join(launched.lines)
@@ -301,8 +318,41 @@ async def test_server_info_reports_the_ranks(two: Launched) -> None:
     async with AsyncServiceClient(two.address) as service:
         info = await service.get_server_info()
     assert info.world_size == 2
-    assert info.distributed_mode == "MULTI_CPU"
+    assert info.distributed_mode == ("FSDP" if two.fsdp else "MULTI_CPU")
     assert len(info.devices) == 2 and all(d.startswith("cpu") for d in info.devices)
+
+
+async def _shard_sizes(launched: Launched, *, lora: bool) -> dict[int, tuple[int, int]]:
+    """Create and close a session; each rank's logged (parameters held, session parameters)."""
+    async with AsyncServiceClient(launched.address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=4 if lora else None, seed=2)
+        session_id = tc.session_id
+        await tc.close()
+    found: dict[int, tuple[int, int]] = {}
+    deadline = time.monotonic() + 5
+    while len(found) < 2 and time.monotonic() < deadline:  # rank 1's line may trail the reply
+        closed = any(f"session {session_id} closed" in line for line in launched.lines)
+        for line in launched.lines[::-1]:
+            m = re.search(r"rank (\d) holds (\d+) of the session's (\d+) parameters", line)
+            if m and int(m.group(1)) not in found:
+                found[int(m.group(1))] = (int(m.group(2)), int(m.group(3)))
+        if closed and not launched.fsdp:
+            break
+        await asyncio.sleep(0.1)
+    return found
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+async def test_each_rank_holds_half_of_a_session_under_fsdp(two: Launched, lora: bool) -> None:
+    found = await _shard_sizes(two, lora=lora)
+    if not two.fsdp:
+        assert found == {}, "replicated ranks hold whole models and log no shard"
+        return
+    assert sorted(found) == [0, 1], two.lines[-20:]
+    total = found[0][1]
+    assert found[1][1] == total
+    for local, _ in found.values():  # each rank keeps about half of every tensor (FSDP2 pads dim 0)
+        assert 0.45 * total < local < 0.56 * total, (found, total)
 
 
 async def _resume_and_step(address: str, checkpoint: str, batch: list[Datum]) -> tuple[float, float, torch.Tensor]:
@@ -422,10 +472,23 @@ def test_shards_are_contiguous_balanced_and_cover_the_batch(lengths: list[int], 
     assert max(tokens) <= sum(lengths) / parts + max(lengths)
 
 
-def test_unsupported_accelerate_modes_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
+        ({"ACCELERATE_USE_FSDP": "true"}, "set fsdp_version: 2"),  # accelerate's default version is 1
+        ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
+        ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "Megatron-LM is not supported"),
+    ],
+    ids=["fsdp1", "fsdp-default-version", "deepspeed", "megatron"],
+)
+def test_unsupported_accelerate_modes_are_refused(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    with pytest.raises(ValueError, match="FSDP is not supported"):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
         init_cluster("cpu")
 
 
@@ -451,3 +514,36 @@ async def test_pipelined_windows_match_one_process(two: Launched, one: TrainerSe
     double = await _pipelined(two.address, batch)
     close(torch.tensor(single[0]), torch.tensor(double[0]))
     close(single[1], double[1])
+
+
+async def _export_kinds(address: str, checkpoint_dir: Path, tag: str) -> dict[str, dict[str, torch.Tensor]]:
+    """A LoRA session's BASE, DELTA (rebuilt against that BASE) and ADAPTER checkpoints after two steps."""
+    from trainer_ckpt import apply_delta
+
+    batch = uneven_batch()
+    async with AsyncServiceClient(address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=4, seed=9)
+        await tc.forward_backward(batch, "cross_entropy")
+        await tc.optim_step(ADAM)
+        base = await tc.save_checkpoint(f"{tag}-base", "base", dtype="float32")
+        await tc.forward_backward_custom(batch, squared_loss)
+        await tc.optim_step(ADAM)
+        delta = await tc.save_checkpoint(f"{tag}-delta", "delta")
+        adapter = await tc.save_checkpoint(f"{tag}-adapter", "adapter")
+        await tc.close()
+    return {
+        "base": read_checkpoint(checkpoint_dir / base.name),
+        "delta": apply_delta(checkpoint_dir / base.name / "model.safetensors", checkpoint_dir / delta.name),
+        "adapter": read_checkpoint(checkpoint_dir / adapter.name),
+    }
+
+
+async def test_base_delta_and_adapter_exports_match_one_process(two: Launched, one: TrainerServer) -> None:
+    assert one.config.checkpoint_dir is not None
+    tag = "exports"
+    single = await _export_kinds(one.address, one.config.checkpoint_dir, tag)
+    double = await _export_kinds(two.address, two.checkpoint_dir, tag)
+    for kind in ("base", "delta", "adapter"):
+        assert single[kind].keys() == double[kind].keys(), kind
+        for name in single[kind]:
+            close(single[kind][name], double[kind][name], f"{kind} {name}")

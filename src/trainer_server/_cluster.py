@@ -10,6 +10,9 @@ works beside NCCL and supports ``gather_object``; parameter gradients are summed
 ``all_reduce`` on the default group (NCCL on GPUs). Any failure of a collective (a rank
 that died, or did not answer within the timeout) is raised as :class:`ClusterFailure`:
 the ranks can no longer be trusted to be in step, so the server stops training.
+
+Under ``accelerate launch --use_fsdp --fsdp_version 2`` the cluster carries an
+:class:`~trainer_server._fsdp.FsdpPlan` and session models are sharded instead of replicated.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from trainer_server._fsdp import FsdpPlan, plan_from_env
+
 __all__ = ["DEFAULT_TIMEOUT_S", "Cluster", "ClusterFailure", "init_cluster", "pick_device"]
 
 log = logging.getLogger("trainer_server.cluster")
@@ -34,7 +39,6 @@ DEFAULT_TIMEOUT_S = 1800.0
 """How long a rank waits in a collective (for work, or for a slow peer) before it fails."""
 
 _UNSUPPORTED = {
-    "ACCELERATE_USE_FSDP": "FSDP",
     "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
 }
@@ -62,14 +66,27 @@ class Cluster:
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: pick_device(None))
     mode: str = "single"
-    """``single``, or accelerate's distributed type (``MULTI_GPU``, ``MULTI_CPU`` ...)."""
+    """``single``, accelerate's distributed type (``MULTI_GPU``, ``MULTI_CPU`` ...), or ``FSDP``."""
     backend: str = ""
+    fsdp: FsdpPlan | None = None
+    """How session models are sharded; None: every rank holds a whole replica."""
     _objects: Any = None  # the process group objects travel on
 
     @property
     def distributed(self) -> bool:
         """More than one process."""
         return self.world_size > 1
+
+    @property
+    def model_device(self) -> torch.device:
+        """Where base models load: the CPU under FSDP (sessions shard from there), else the device."""
+        return torch.device("cpu") if self.fsdp is not None else self.device
+
+    def agree(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (same shape and dtype everywhere)."""
+        if self.distributed:
+            self._collective("broadcast", lambda: dist.broadcast(tensor, src=0))  # the device's own backend
+        return tensor
 
     def _collective(self, what: str, fn: Callable[[], T]) -> T:
         try:
@@ -117,7 +134,7 @@ def init_cluster(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
         timeout_s: how long a collective may wait.
 
     Raises:
-        ValueError: for an accelerate configuration this server does not run (FSDP,
+        ValueError: for an accelerate configuration this server does not run (FSDP version 1,
             DeepSpeed, Megatron-LM): failing at start beats silently doing something else.
     """
     if _launched_world_size() <= 1:
@@ -125,9 +142,10 @@ def init_cluster(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
     for env, name in _UNSUPPORTED.items():
         if os.environ.get(env, "false").lower() in ("1", "true"):
             raise ValueError(
-                f"this server replicates the model on every rank (DDP-style); {name} is not supported yet. "
+                f"this server replicates or FSDP-shards the model; {name} is not supported yet. "
                 "Launch without it (see docs/DISTRIBUTED.md)."
             )
+    fsdp = plan_from_env() if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else None
     from accelerate import PartialState
 
     cpu = device == "cpu" or not torch.cuda.is_available()
@@ -146,9 +164,12 @@ def init_cluster(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
         rank=state.process_index,
         world_size=state.num_processes,
         device=rank_device,
-        mode=str(state.distributed_type.value),
+        mode="FSDP" if fsdp is not None else str(state.distributed_type.value),
         backend=backend,
+        fsdp=fsdp,
         _objects=objects,
     )
+    if fsdp is not None:
+        log.info("session models are sharded: %s", fsdp.describe())
     log.info("rank %d of %d on %s (%s, %s)", cluster.rank, cluster.world_size, rank_device, cluster.mode, backend)
     return cluster

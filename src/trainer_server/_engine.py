@@ -2,9 +2,10 @@
 
 A :class:`SessionModel` owns what a session trains: a full copy of the base model, or a
 LoRA adapter (peft) over the base model's own, shared, frozen tensors; the AdamW state;
-and the step counter. Its methods are synchronous and are only ever called from the
-server's single device executor, so no two of them run at once and the event loop never
-blocks on torch.
+and the step counter. Under FSDP the session's model (adapter and base tensors alike) is
+sharded over the ranks after it is built (:mod:`trainer_server._fsdp`). Its methods are
+synchronous and are only ever called from the server's single device executor, so no two
+of them run at once and the event loop never blocks on torch.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from trainer_proto import pb
 from trainer_server._batch import Batch
 from trainer_server._errors import ServiceError, invalid_argument
+from trainer_server._fsdp import FsdpPlan, full, shard
 from trainer_server._models import BaseModel
 
 __all__ = ["AdamSettings", "SessionModel", "default_lora_targets"]
@@ -82,11 +84,23 @@ class SessionModel:
         base: the base model.
         lora: LoRA settings, or None for a full fine-tune.
         seed: seeds the adapter initialisation.
+        fsdp: shard the model over the ranks this way (collective: every rank builds the
+            session together); None keeps a whole model here.
+        device: where the session computes; by default the base model's device.
     """
 
-    def __init__(self, base: BaseModel, lora: pb.LoraConfig | None, seed: int) -> None:
+    def __init__(
+        self,
+        base: BaseModel,
+        lora: pb.LoraConfig | None,
+        seed: int,
+        *,
+        fsdp: FsdpPlan | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.base = base
-        self.device = base.device
+        self.device = device or base.device
+        self.sharded = fsdp is not None
         self.lora = lora
         self.seed = seed
         self.last_base = ""
@@ -108,6 +122,12 @@ class SessionModel:
                 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations inside peft
                 torch.manual_seed(seed)
                 self.model = get_peft_model(_share_base_copy(base.model), config)
+        if fsdp is None and self.device != base.device:
+            self.model.to(self.device)  # a whole model away from the base's device (FSDP, rank 0)
+        if fsdp is not None:
+            # Each session shards its own copy: LoRA sessions hold 1/N of the base each, and
+            # the unsharded base stays on the CPU as the source every session is built from.
+            shard(self.model, fsdp)
         self.model.eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer: torch.optim.AdamW | None = None
@@ -119,7 +139,7 @@ class SessionModel:
         return sum(p.numel() for p in self.params)
 
     @property
-    def num_total(self) -> int:
+    def num_total(self) -> int:  # a sharded tensor's numel is its whole size
         """Parameter count of the session's model (shared base included)."""
         return sum(p.numel() for p in self.model.parameters())
 
@@ -179,7 +199,8 @@ class SessionModel:
                 step is not applied and the gradients are kept for inspection).
         """
         grads = [p.grad for p in self.params if p.grad is not None]
-        norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+        total = torch.nn.utils.get_total_norm(grads) if grads else torch.tensor(0.0)
+        norm = float(full(total))  # sharded gradients: the norm is gathered (every rank asks)
         if not math.isfinite(norm):
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION, f"gradient norm is {norm}; the optimizer step was not applied"
@@ -194,7 +215,7 @@ class SessionModel:
                 weight_decay=settings.weight_decay,
             )
         if settings.grad_clip_norm > 0 and grads:
-            torch.nn.utils.clip_grads_with_norm_(self.params, settings.grad_clip_norm, torch.tensor(norm))
+            torch.nn.utils.clip_grads_with_norm_(self.params, settings.grad_clip_norm, total)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

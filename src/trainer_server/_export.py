@@ -2,7 +2,9 @@
 
 Every function here runs on the device thread (it reads or writes a session's tensors)
 and writes into a temp directory that :class:`~trainer_server._checkpoints.CheckpointStore`
-commits atomically.
+commits atomically. A sharded (FSDP) session's tensors are gathered whole first, on every
+rank (:func:`trainer_server._fsdp.full`): the writers take ``out=None`` on the ranks that
+only take part in the gathers, and rank 0 writes, so the files do not depend on the layout.
 
 - BASE: ``config.json``, ``model.safetensors`` (LoRA merged, in the export dtype),
   ``generation_config.json`` and the tokenizer files: a plain Hugging Face directory.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from safetensors.torch import load_file, save_file
 from trainer_proto import pb
 from trainer_server._engine import SessionModel
 from trainer_server._errors import invalid_argument
+from trainer_server._fsdp import full, sharded_like
 
 __all__ = [
     "STATE_FILE",
@@ -48,40 +52,51 @@ _OPTIMIZER = "optimizer.pt"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def merged_state_dict(state: SessionModel) -> dict[str, torch.Tensor]:
-    """The session's weights under the base model's own names, LoRA merged in.
+def merged_state_dict(state: SessionModel) -> Iterator[tuple[str, torch.Tensor]]:
+    """The session's weights under the base model's own names, LoRA merged in, one at a time.
 
     Merging is computed (``W + scale * B @ A`` per adapted layer), never done in place:
-    LoRA sessions share the base tensors, which must not change.
+    LoRA sessions share the base tensors, which must not change. Tensors come as the session
+    holds them (sharded under FSDP); each merged weight exists only while it is yielded.
     """
     if state.lora is None:
-        return {k: v.detach() for k, v in state.model.state_dict().items()}
+        yield from state.model.state_dict().items()
+        return
     from peft.tuners.lora import LoraLayer
 
     inner = state.model.get_base_model()
-    deltas = {
-        name: module.get_delta_weight("default")  # type: ignore[attr-defined]
-        for name, module in inner.named_modules()
-        if isinstance(module, LoraLayer)
-    }
-    merged: dict[str, torch.Tensor] = {}
+    layers = {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
     for key, value in inner.state_dict().items():
         if ".lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
         module_name, _, param = clean.rpartition(".")
-        delta = deltas.get(module_name) if param == "weight" else None
-        merged[clean] = (value if delta is None else value + delta.to(value.dtype)).detach()
-    return merged
+        layer = layers.get(module_name) if param == "weight" else None
+        delta = None if layer is None else layer.get_delta_weight("default").to(value.dtype)  # type: ignore[attr-defined]
+        yield clean, (value if delta is None else value + delta).detach()
 
 
-def _export(state: SessionModel, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.to(device="cpu", dtype=dtype).contiguous() for k, v in merged_state_dict(state).items()}
+def _whole(
+    tensors: Iterable[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Whole tensors on the CPU (in ``dtype``), gathered one at a time when sharded (collective).
+
+    A rank that only takes part in the gathers (``keep=False``) drops each tensor at once, so
+    no rank but the writer ever holds more than one whole tensor.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        whole = full(tensor).detach()
+        if keep:
+            out[name] = whole.to(device="cpu", dtype=dtype or whole.dtype).contiguous()
+    return out
 
 
-def write_base(state: SessionModel, out: Path, dtype: torch.dtype) -> None:
+def write_base(state: SessionModel, out: Path | None, dtype: torch.dtype) -> None:
     """Write a Hugging Face model directory with the session's (merged) weights."""
-    tensors = _export(state, dtype)
+    tensors = _whole(merged_state_dict(state), out is not None, dtype)
+    if out is None:
+        return
     state.base.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
@@ -101,12 +116,13 @@ def base_dtype(base_dir: Path) -> torch.dtype:
     return dtype
 
 
-def write_delta(state: SessionModel, out: Path, base_dir: Path) -> dict[str, Any]:
-    """Write a lossless delta of the session's weights against a BASE checkpoint."""
+def write_delta(state: SessionModel, out: Path | None, base_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
+    """Write a lossless delta of the session's weights against a BASE checkpoint of ``dtype``."""
     from trainer_ckpt import delta
 
-    dtype = base_dtype(base_dir)
-    tensors = _export(state, dtype)
+    tensors = _whole(merged_state_dict(state), out is not None, dtype)
+    if out is None:
+        return {}
     with safe_open(str(base_dir / WEIGHTS_FILE), framework="pt") as f:
         names = list(f.keys())
     missing = [n for n in names if n not in tensors]
@@ -117,22 +133,30 @@ def write_delta(state: SessionModel, out: Path, base_dir: Path) -> dict[str, Any
     return {"ratio": ratio, "raw_bytes": stats.raw_bytes, "compressed_bytes": stats.compressed_bytes}
 
 
-def write_adapter(state: SessionModel, out: Path) -> None:
+def write_adapter(state: SessionModel, out: Path | None) -> None:
     """Write the LoRA adapter in PEFT layout."""
-    state.model.save_pretrained(out, safe_serialization=True)
+    tensors = _whole(state.model.state_dict().items(), out is not None)  # PEFT picks what it saves
+    if out is not None:
+        state.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
 
 
-def write_state(state: SessionModel, out: Path, *, base_model: str, last_base: str) -> None:
+def _optimizer_state(state: SessionModel, keep: bool) -> dict[str, Any] | None:
+    """AdamW's state dict with whole tensors (parameters by index, as torch numbers them)."""
+    if state.optimizer is None:
+        return None
+    sd = state.optimizer.state_dict()
+    sd["state"] = {i: _whole(moments.items(), keep) for i, moments in sd["state"].items()}
+    return sd
+
+
+def write_state(state: SessionModel, out: Path | None, *, base_model: str, last_base: str) -> None:
     """Write everything needed to resume the session exactly."""
-    named = {n: p.detach().cpu().contiguous() for n, p in state.model.named_parameters() if p.requires_grad}
+    named = _whole(((n, p) for n, p in state.model.named_parameters() if p.requires_grad), out is not None)
+    optimizer = _optimizer_state(state, out is not None)
+    if out is None:
+        return
     save_file(named, str(out / _TRAINABLE), metadata={"format": "pt"})
-    torch.save(
-        {
-            "optimizer": state.optimizer.state_dict() if state.optimizer is not None else None,
-            "cpu_rng": torch.get_rng_state(),
-        },
-        out / _OPTIMIZER,
-    )
+    torch.save({"optimizer": optimizer, "cpu_rng": torch.get_rng_state()}, out / _OPTIMIZER)
     lora = state.lora
     info = {
         "base_model": base_model,
@@ -162,11 +186,16 @@ def load_state(state: SessionModel, state_dir: Path, info: dict[str, Any], *, re
         raise invalid_argument("the STATE checkpoint's trainable tensors do not match this session's")
     with torch.no_grad():
         for name, p in named.items():
-            p.copy_(tensors[name])
+            p.copy_(sharded_like(tensors[name], p))
     extra = torch.load(state_dir / _OPTIMIZER, weights_only=True, map_location=state.device)
-    if extra["optimizer"] is not None:
+    optimizer = extra["optimizer"]
+    if optimizer is not None:
+        for i, moments in optimizer["state"].items():  # laid out as the parameters are
+            for k, v in moments.items():
+                if k != "step":
+                    moments[k] = sharded_like(v, state.params[i])
         state.optimizer = torch.optim.AdamW(state.params)
-        state.optimizer.load_state_dict(extra["optimizer"])
+        state.optimizer.load_state_dict(optimizer)
     if restore_rng:
         torch.set_rng_state(extra["cpu_rng"])
     state.step = int(info["step"])

@@ -5,8 +5,14 @@ Rank 0 turns each model-changing request into an :class:`Op` and hands it to
 wait in :func:`serve_worker`), and then every rank executes it. A rank works on its shard
 of the batch (contiguous datums, balanced by tokens); per-rank results are gathered to
 rank 0; an optimizer step first sums the ranks' gradients. The ranks' model replicas start
-identical and receive identical updates, so rank 0's copy is the model: checkpoints,
-sampling and GetServerInfo read it alone.
+identical and receive identical updates, so rank 0's copy is the model: checkpoints and
+sampling read it alone (the other ranks skip those ops).
+
+Under FSDP each rank holds a shard of every session model instead, so every rank takes part
+in everything that touches the model: a rank whose shard of the batch is empty still runs a
+forward and backward (on one datum, with a zero gradient) for the collectives inside them;
+gradients arrive already summed (reduce-scatter); checkpoints gather whole tensors on every
+rank and rank 0 writes them; sampling runs on every rank with rank 0's token choices.
 
 With one process the same code runs with no communication, so there is one code path.
 """
@@ -29,6 +35,8 @@ from trainer_server._cluster import Cluster, ClusterFailure
 from trainer_server._engine import AdamSettings, SessionModel
 from trainer_server._errors import ServiceError
 from trainer_server._models import BaseModel, load_base_model
+from trainer_server._sampling import Sample as SampleOut
+from trainer_server._sampling import SamplingSettings, generate
 
 __all__ = [
     "Backward",
@@ -41,7 +49,9 @@ __all__ = [
     "Ping",
     "Release",
     "ResumeSession",
+    "Sample",
     "Shutdown",
+    "WriteCheckpoint",
     "serve_worker",
 ]
 
@@ -128,6 +138,30 @@ class OptimStep(Op):
     settings: AdamSettings
 
 
+@dataclass(frozen=True)
+class WriteCheckpoint(Op):
+    """Write a session's checkpoint files into ``directory`` on rank 0 (see :mod:`_export`).
+
+    Sharded sessions gather whole tensors on every rank first; otherwise only rank 0 works.
+    """
+
+    session_id: str
+    kind: str  # base, delta, adapter or state
+    dtype: torch.dtype  # export dtype (base, delta)
+    directory: str
+    base_dir: str = ""  # delta: the BASE checkpoint it is taken against
+    base_model: str = ""  # state: recorded in state.json
+
+
+@dataclass(frozen=True)
+class Sample(Op):
+    """Sample from a session's current weights: rank 0 alone, or every rank when sharded."""
+
+    session_id: str
+    prompt: torch.Tensor
+    settings: SamplingSettings
+
+
 @dataclass
 class _Held:
     """One rank's part of a forward whose backward is still to come."""
@@ -135,6 +169,8 @@ class _Held:
     logprobs: torch.Tensor | None  # None when this rank's shard was empty
     start: int  # the shard's first target in the whole batch
     stop: int
+    stand_in: bool = False
+    """FSDP, empty shard: ``logprobs`` are of one datum computed only for the collectives."""
 
 
 class Engine:
@@ -202,16 +238,28 @@ class Engine:
     def _Shutdown(self, op: Shutdown) -> None:
         return None
 
+    def _new_session(self, base_model: str, lora: pb.LoraConfig | None, seed: int) -> SessionModel:
+        state = SessionModel(self.models[base_model], lora, seed, fsdp=self.cluster.fsdp, device=self.cluster.device)
+        if state.sharded:
+            local = sum(p.to_local().numel() for p in state.model.parameters())
+            log.info(
+                "rank %d holds %d of the session's %d parameters (FSDP shard)",
+                self.cluster.rank,
+                local,
+                state.num_total,
+            )
+        return state
+
     def _CreateSession(self, op: CreateSession) -> tuple[int, int]:
         lora = None if op.lora is None else pb.LoraConfig.FromString(op.lora)
-        state = SessionModel(self.models[op.base_model], lora, op.seed)
+        state = self._new_session(op.base_model, lora, op.seed)
         self.sessions[op.session_id] = state
         return state.num_trainable, state.num_total
 
     def _ResumeSession(self, op: ResumeSession) -> None:
         directory = Path(op.directory)
         info, lora = _export.read_state_info(directory)
-        state = SessionModel(self.models[op.base_model], lora, int(info["seed"]))
+        state = self._new_session(op.base_model, lora, int(info["seed"]))
         _export.load_state(state, directory, info)
         state.last_base = str(info.get("last_base", ""))
         self.sessions[op.session_id] = state
@@ -224,26 +272,55 @@ class Engine:
         lengths = op.batch.lengths
         start, stop = shard_bounds(lengths, self.cluster.world_size)[self.cluster.rank]
         first, last = sum(lengths[:start]), sum(lengths[:stop])
+        stand_in = stop == start and state.sharded  # FSDP: every rank must run the forward
+        if stand_in:
+            start, stop = 0, 1
         logprobs = state.logprobs(op.batch.select(start, stop), grad=op.grad) if stop > start else None
         if op.grad:
-            self.held[op.handle] = _Held(logprobs, first, last)
-        if logprobs is None:
+            self.held[op.handle] = _Held(logprobs, first, last, stand_in)
+        if logprobs is None or stand_in:
             return torch.zeros(0, dtype=torch.float32)
         return logprobs.detach().to("cpu") if self.cluster.distributed else logprobs.detach()
 
     def _Backward(self, op: Backward) -> None:
         held = self.held.pop(op.handle)
         if held.logprobs is not None:
-            self._session(op.session_id).backward(held.logprobs, op.grad[held.start : held.stop])
+            grad = torch.zeros_like(held.logprobs) if held.stand_in else op.grad[held.start : held.stop]
+            self._session(op.session_id).backward(held.logprobs, grad)
 
     def _Release(self, op: Release) -> None:
         self.held.pop(op.handle, None)
 
     def _OptimStep(self, op: OptimStep) -> tuple[int, float]:
         state = self._session(op.session_id)
-        if self.cluster.distributed:
+        if self.cluster.distributed and not state.sharded:  # FSDP's backward already summed them
             state.sum_gradients(self.cluster.all_reduce_sum_)
         return state.optim_step(op.settings)
+
+    def _WriteCheckpoint(self, op: WriteCheckpoint) -> tuple[torch.dtype, dict[str, Any], int] | None:
+        state = self._session(op.session_id)
+        writing = self.cluster.rank == 0
+        if not (writing or state.sharded):
+            return None
+        out = Path(op.directory) if writing else None  # other ranks only take part in the gathers
+        extra: dict[str, Any] = {}
+        if op.kind == "base":
+            _export.write_base(state, out, op.dtype)
+        elif op.kind == "delta":
+            extra = _export.write_delta(state, out, Path(op.base_dir), op.dtype)
+        elif op.kind == "adapter":
+            _export.write_adapter(state, out)
+        else:
+            _export.write_state(state, out, base_model=op.base_model, last_base=state.last_base)
+        return (op.dtype if op.kind in ("base", "delta") else torch.float32), extra, state.step
+
+    def _Sample(self, op: Sample) -> tuple[list[SampleOut], torch.Tensor] | None:
+        state = self._session(op.session_id)
+        if self.cluster.rank != 0 and not state.sharded:
+            return None
+        eos = state.base.eos_token_ids
+        agree = self.cluster.agree if state.sharded else None  # every rank follows rank 0's tokens
+        return generate(state.model, op.prompt, op.settings, eos, self.cluster.device, agree=agree)
 
 
 def serve_worker(cluster: Cluster, model_paths: dict[str, Path], dtype: str) -> None:
@@ -251,7 +328,7 @@ def serve_worker(cluster: Cluster, model_paths: dict[str, Path], dtype: str) -> 
 
     Returns when rank 0 shuts down; raises :class:`ClusterFailure` when rank 0 is gone.
     """
-    models = {name: load_base_model(name, path, cluster.device, dtype) for name, path in model_paths.items()}
+    models = {name: load_base_model(name, path, cluster.model_device, dtype) for name, path in model_paths.items()}
     engine = Engine(cluster, models)
     log.info("rank %d of %d ready on %s (pid %d)", cluster.rank, cluster.world_size, cluster.device, os.getpid())
     while True:

@@ -7,7 +7,8 @@ serialises device work, so session states are never touched by two threads at on
 Work that changes a session's model (create, forward, backward, optimizer step, resume,
 close) goes through :meth:`Runtime.run_op` as an :mod:`~trainer_server._ops` operation,
 which every rank of a multi-process server runs in the same order. Work that only reads
-the model (checkpoint saves, sampling) runs on rank 0's replica alone.
+the model (checkpoint saves, sampling) is an op too, which only rank 0 runs unless the
+session is sharded (FSDP), when every rank takes part.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from trainer_server._engine import AdamSettings, SessionModel
 from trainer_server._errors import ServiceError, invalid_argument, not_found
 from trainer_server._losses import LOSSES, LossResult
 from trainer_server._models import BaseModel, load_base_model
+from trainer_server._sampling import Sample as SampleOut
+from trainer_server._sampling import SamplingSettings
 from trainer_server._sessions import SequencedCall, Session, SessionRegistry, committing_call, new_session_id
 from trainer_server.builtin_models import trainer_home
 
@@ -158,7 +161,9 @@ class Runtime:
     async def load_models(self) -> None:
         """Load every configured base model (on the device thread) and meet the other ranks."""
         for name, path in self.model_paths.items():
-            self.models[name] = await self.on_device(load_base_model, name, path, self.device, self.config.dtype)
+            self.models[name] = await self.on_device(
+                load_base_model, name, path, self.cluster.model_device, self.config.dtype
+            )
         hello = await self._on_ranks(self.engine.run, _ops.Hello(), loading_ok=True)
         self.devices = [device for device, _ in hello]
         if self.cluster.distributed:
@@ -269,6 +274,13 @@ class Runtime:
             return logprobs, float(loss.detach()), metrics
 
         return await self._on_ranks(run)
+
+    async def sample(
+        self, session: Session, prompt: torch.Tensor, settings: SamplingSettings
+    ) -> tuple[list[SampleOut], torch.Tensor]:
+        """Sample from the session's current weights (rank 0's replica, or every rank's shard)."""
+        samples, prompt_lp = await self.run_op(_ops.Sample(session.id, prompt, settings))
+        return samples, prompt_lp
 
     async def optim_step(self, session: Session, settings: AdamSettings) -> tuple[int, float]:
         """Sum the ranks' gradients and apply AdamW; returns (step, gradient norm)."""
@@ -412,26 +424,16 @@ class Runtime:
                     "a DELTA is taken against the session's last BASE checkpoint, and there is none: save a BASE first",
                 )
             await asyncio.to_thread(store.verify, state.last_base)
+            dtype = await asyncio.to_thread(_export.base_dtype, store.path(state.last_base))
 
-        def write_files(tmp: Path) -> tuple[torch.dtype, dict[str, Any], int]:
-            """Device thread: write the session's state as of now (training waits meanwhile)."""
-            export_dtype, extra = torch.float32, {}
-            if kind == "base":
-                _export.write_base(state, tmp, dtype)
-                export_dtype = dtype
-            elif kind == "delta":
-                base_dir = store.path(state.last_base)
-                extra = _export.write_delta(state, tmp, base_dir)
-                export_dtype = _export.base_dtype(base_dir)
-            elif kind == "adapter":
-                _export.write_adapter(state, tmp)
-            else:
-                _export.write_state(state, tmp, base_model=session.base.name, last_base=state.last_base)
-            return export_dtype, extra, state.step
+        def write_op(tmp: Path) -> _ops.WriteCheckpoint:
+            base_dir = str(store.path(state.last_base)) if kind == "delta" else ""
+            return _ops.WriteCheckpoint(session.id, kind, dtype, str(tmp), base_dir, session.base.name)
 
         async def apply() -> T:
             with store.writing(request.name) as tmp:
-                export_dtype, extra, step = await self.on_device(write_files, tmp)
+                # The device thread writes the state as of now (training waits meanwhile).
+                written_dtype, extra, step = await self.run_op(write_op(tmp))
                 base_checkpoint = state.last_base if kind == "delta" else ""
                 # Hashing, fsync and the rename run off the device thread: other work goes on meanwhile.
                 manifest = await asyncio.to_thread(
@@ -444,7 +446,7 @@ class Runtime:
                         session_id=session.id,
                         step=step,
                         seq=call.seq,
-                        dtype=str(export_dtype).removeprefix("torch."),
+                        dtype=str(written_dtype).removeprefix("torch."),
                         created_at=_now(),
                         files=files,
                         base_checkpoint=base_checkpoint,
@@ -480,7 +482,7 @@ class Runtime:
             info, lora = _export.read_state_info(directory)
 
             def build() -> Any:
-                state = SessionModel(base, lora, int(info["seed"]))
+                state = SessionModel(base, lora, int(info["seed"]), device=self.device)  # whole, on rank 0
                 _export.load_state(state, directory, info, restore_rng=False)
                 return state.model
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,9 +109,18 @@ def _stopped(tokens: Sequence[int], eos: frozenset[int], stop: tuple[tuple[int, 
 
 @torch.no_grad()
 def generate(
-    model: Any, prompt: torch.Tensor, settings: SamplingSettings, eos: frozenset[int], device: torch.device
+    model: Any,
+    prompt: torch.Tensor,
+    settings: SamplingSettings,
+    eos: frozenset[int],
+    device: torch.device,
+    *,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[Sample], torch.Tensor]:
     """Sample ``settings.num_samples`` completions of ``prompt`` with a KV cache.
+
+    ``agree`` makes the ranks of a sharded model choose the same tokens (rank 0's): they
+    then run the same number of forwards, whose collectives must match.
 
     Returns:
         The samples in index order, and the prompt's logprobs (one per prompt token
@@ -146,6 +155,8 @@ def generate(
             shifted = logits - logits.max(dim=-1, keepdim=True).values
             scores = _filter(shifted / settings.temperature, settings.top_k, settings.top_p)
             chosen = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator)[:, 0]
+        if agree is not None:
+            chosen = agree(chosen)
         chosen_lp = logp.gather(-1, chosen[:, None])[:, 0].tolist()
         for i, (tok, lp) in enumerate(zip(chosen.tolist(), chosen_lp, strict=True)):
             if reasons[i] is None:

@@ -516,9 +516,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             async with session.call(request.call.seq) as call:
                 prompt, settings = self._sampling_request(request, session.base)
                 await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-                samples, prompt_lp = await self.runtime.on_device(
-                    generate, session.state.model, prompt, settings, session.base.eos_token_ids, self.runtime.device
-                )
+                samples, prompt_lp = await self.runtime.sample(session, prompt, settings)
         elif source == "checkpoint":
             owner = self._owner(context)
             manifest = self.runtime.checkpoint_store(owner).manifest(request.checkpoint)
