@@ -455,15 +455,23 @@ async def bench_wire(args: argparse.Namespace, report: Report) -> None:
     try:
         for size in sizes:
             t = torch.randn(size * MIB // 4, generator=torch.Generator().manual_seed(size))
-            names = ["grpc", "msgs", "tcp"] + (["json", "pb"] if size in slow_sizes else [])
-            for name in names:
-                await timed(methods[name], t)  # warm-up
-            times: dict[str, list[float]] = {n: [] for n in names}
-            for rep in range(reps):
-                for name in names if rep % 2 == 0 else names[::-1]:
-                    if name in ("json", "pb") and rep >= (2 if args.quick or size > 1 else 3):
-                        continue  # a few reps are plenty for seconds-long encodes
+            transfers = ["grpc", "msgs", "tcp"]
+            # Steady state, as a training loop sees it after its first steps: a fresh connection's
+            # flow-control window and the allocator's thresholds grow over its first ~16 MiB.
+            warmup = 2 if args.quick else max(2, 16 // size)
+            for _ in range(warmup):
+                for name in transfers:
+                    await timed(methods[name], t)
+            times: dict[str, list[float]] = {n: [] for n in methods}
+            for rep in range(reps * (3 if size == 1 and not args.quick else 1)):  # small sizes: cheap, noisy
+                for name in transfers if rep % 2 == 0 else transfers[::-1]:
                     times[name].append(await timed(methods[name], t))
+            if size in slow_sizes:  # encode + decode only: measured apart, so their garbage stays apart
+                for name in ("json", "pb"):
+                    await timed(methods[name], t)  # warm-up
+                    for _ in range(2 if args.quick or size > 1 else 3):  # a few reps: seconds-long encodes
+                        times[name].append(await timed(methods[name], t))
+            names = [n for n in methods if times[n]]
             for name in names:
                 rates[name, size] = size * MIB / med(times[name]) / 1e6
             log(f"wire {size} MiB: " + ", ".join(f"{n} {rates[n, size]:.0f} MB/s" for n in names))

@@ -5,11 +5,13 @@ On a machine with NVIDIA GPUs this builds a Llama-style model locally (random we
 nothing downloaded), serves it with ``accelerate launch --num_processes N -m trainer_server
 --dtype bfloat16`` for N = 1 and N = all GPUs, drives a few training steps through the
 client (forward_backward with the built-in loss, then optim_step), and prints one table:
-tokens/s, step time and peak GPU memory per process, side by side. On a machine without
-CUDA it says so and exits 0, so it is safe to run anywhere::
+tokens/s, step time and peak GPU memory per process, side by side; with ``--fsdp`` also
+N processes with every session sharded by FSDP2 (``--use_fsdp --fsdp_version 2``). On a
+machine without CUDA it says so and exits 0, so it is safe to run anywhere::
 
     python scripts/bench_gpu.py                        # ~125M params, 8 x 512 tokens, LoRA r32
     python scripts/bench_gpu.py --full --steps 10      # full fine-tune
+    python scripts/bench_gpu.py --full --fsdp          # ... and FSDP beside the replicated rows
     python scripts/bench_gpu.py --processes 1,2,4 --hidden 1024 --layers 16
 """
 
@@ -73,7 +75,10 @@ class GpuMemory:
             self._stop.wait(0.2)
 
 
-def launch(model_dir: Path, processes: int) -> tuple[subprocess.Popen[str], str, list[str]]:
+FSDP_ARGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+
+
+def launch(model_dir: Path, processes: int, fsdp: bool = False) -> tuple[subprocess.Popen[str], str, list[str]]:
     """Start the server under accelerate on ``processes`` GPUs; returns it, its address, its log."""
     cmd = [
         sys.executable,
@@ -89,7 +94,7 @@ def launch(model_dir: Path, processes: int) -> tuple[subprocess.Popen[str], str,
         "no",
         "--main_process_port",
         str(_free_port()),
-        *(["--multi_gpu"] if processes > 1 else []),
+        *(FSDP_ARGS if fsdp else ["--multi_gpu"] if processes > 1 else []),
         "-m",
         "trainer_server",
         "--model",
@@ -161,6 +166,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
+    parser.add_argument("--fsdp", action="store_true", help="also run every process count > 1 with FSDP2")
     parser.add_argument("--models-dir", type=Path, default=ROOT / ".cache" / "bench-gpu-models")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -184,8 +190,8 @@ def main() -> None:
             max_position_embeddings=args.seq + 1,
         )
     rows = []
-    for n in counts:
-        proc, address, _log = launch(model_dir, n)
+    for n, fsdp in [(n, False) for n in counts] + [(n, True) for n in counts if args.fsdp and n > 1]:
+        proc, address, _log = launch(model_dir, n, fsdp)
         try:
             with GpuMemory() as memory:
                 times, num_tokens, info = asyncio.run(drive(address, args))

@@ -388,8 +388,9 @@ async def test_state_checkpoints_cross_load(two: Launched, one: TrainerServer, d
     close(here[2], there[2])
 
 
-async def test_killing_rank_1_fails_the_call_and_the_server_exits(model_dir: Path, tmp_path: Path) -> None:
-    launched = launch(model_dir, tmp_path / "checkpoints", tmp_path / "home")
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+async def test_killing_rank_1_fails_the_call_and_the_server_exits(model_dir: Path, tmp_path: Path, fsdp: bool) -> None:
+    launched = launch(model_dir, tmp_path / "checkpoints", tmp_path / "home", fsdp=fsdp)
     try:
         rank1 = launched.rank_pid(1)
         batch = uneven_batch()
