@@ -58,11 +58,13 @@ import psutil  # type: ignore[import-untyped]
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
-from trainer_client import AdamParams, AsyncServiceClient, AsyncTrainingClient, Datum
-from trainer_proto import options, pb, wire
+from trainer_client import AdamParams, AsyncServiceClient, AsyncTrainingClient, ClientConfig, Datum
+from trainer_proto import alloc, options, pb, wire
 
 SECTIONS = ("wire", "custom", "overhead", "pipeline", "overlap", "lora", "memory")
 MIB = 1 << 20
+ALLOCATOR = {"tune": True}
+"""Whether this run tunes the C allocator as the service does (``--keep-allocator-defaults``: no)."""
 LORA_RANK = 16
 ADAM = AdamParams(learning_rate=1e-4)
 
@@ -469,7 +471,7 @@ async def bench_wire(args: argparse.Namespace, report: Report) -> None:
             if size in slow_sizes:  # encode + decode only: measured apart, so their garbage stays apart
                 for name in ("json", "pb"):
                     await timed(methods[name], t)  # warm-up
-                    for _ in range(2 if args.quick or size > 1 else 3):  # a few reps: seconds-long encodes
+                    for _ in range(2 if args.quick or size > 1 else 5):  # a few reps: seconds-long encodes
                         times[name].append(await timed(methods[name], t))
             names = [n for n in methods if times[n]]
             for name in names:
@@ -598,8 +600,10 @@ async def embedded_service(models: Mapping[ModelSpec, Path]) -> Any:
     """Start a server on 127.0.0.1:0 serving ``models`` and connect a client."""
     from trainer_server import ServerConfig, TrainerServer
 
-    config = ServerConfig(models={s.name: p for s, p in models.items()}, port=0, device="cpu")
-    async with TrainerServer(config) as server, AsyncServiceClient(server.address) as client:
+    tune = ALLOCATOR["tune"]
+    config = ServerConfig(models={s.name: p for s, p in models.items()}, port=0, device="cpu", tune_allocator=tune)
+    client_config = ClientConfig(tune_allocator=tune)
+    async with TrainerServer(config) as server, AsyncServiceClient(server.address, config=client_config) as client:
         yield Service(server, client, {s.name: s for s in models})
 
 
@@ -1144,6 +1148,8 @@ class Worker:
 def run_worker(kind: str, payload: Mapping[str, Any], threads: int) -> Worker:
     """Start ``bench.py --worker KIND`` in a fresh interpreter."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--threads", str(threads)]
+    if not ALLOCATOR["tune"]:
+        cmd.append("--keep-allocator-defaults")
     cmd += ["--worker-args", json.dumps(payload)]
     stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115  # closed by Worker.result
     return Worker(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True), stderr)
@@ -1180,8 +1186,9 @@ async def run(args: argparse.Namespace) -> Report:
         f"# Benchmarks ({'--quick' if args.quick else 'full run'})\n\n"
         f"torch {torch.__version__} (torch.set_num_threads({args.threads}) in every process), grpcio "
         f"{grpc.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPU cores, "
-        f"{platform.machine()}, device cpu. Load average at start: "
-        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
+        f"{platform.machine()}, device cpu. C allocator: "
+        f"{'tuned as the service does (trainer_proto.alloc)' if ALLOCATOR['tune'] else 'glibc defaults'}. "
+        f"Load average at start: {', '.join(f'{x:.1f}' for x in os.getloadavg())}.",
         flush=True,
     )
     started = time.perf_counter()
@@ -1278,6 +1285,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--models-dir", type=Path, help="where bench models are built (default $TRAINER_HOME/bench-models)"
     )
+    parser.add_argument(
+        "--keep-allocator-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone, in the bench and in the servers and clients it starts "
+        "(by default they are tuned as trainer-server and the client do: trainer_proto.alloc)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--worker-args", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1293,6 +1306,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    ALLOCATOR["tune"] = not args.keep_allocator_defaults
+    if ALLOCATOR["tune"]:
+        alloc.tune_allocator()  # what the service's server and client do; the wire section's raw gRPC too
     import logging
 
     logging.basicConfig(level=logging.WARNING)

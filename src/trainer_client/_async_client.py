@@ -57,7 +57,7 @@ from trainer_client._types import (
     SamplingParams,
     ServerInfo,
 )
-from trainer_proto import options, pb, pb_grpc, wire
+from trainer_proto import alloc, options, pb, pb_grpc, wire
 from trainer_proto.checksums import sha256_file
 
 __all__ = ["AsyncServiceClient", "AsyncTrainingClient"]
@@ -513,6 +513,8 @@ class AsyncServiceClient:
     ) -> None:
         self.target = target
         self.config = config or ClientConfig()
+        if self.config.tune_allocator:
+            alloc.tune_allocator()
         opts = options.grpc_options(
             max_message_bytes=self.config.max_message_bytes,
             keepalive_time_s=self.config.keepalive_time_s,

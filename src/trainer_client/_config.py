@@ -24,6 +24,9 @@ class ClientConfig:
         keepalive_timeout_s: close a connection whose ping is not answered within this.
         retry_attempts: attempts for calls that are safe to repeat (reads), on UNAVAILABLE.
         retry_backoff_s: first backoff; doubles per attempt, with full jitter.
+        tune_allocator: keep freed memory for reuse (glibc's mmap and trim thresholds,
+            process-wide, see :mod:`trainer_proto.alloc`): 1 MiB tensor transfers measured
+            ~3x faster on a fresh process. False leaves the C allocator alone.
     """
 
     timeout_s: float = 600.0
@@ -34,6 +37,7 @@ class ClientConfig:
     keepalive_timeout_s: float = options.DEFAULT_KEEPALIVE_TIMEOUT_S
     retry_attempts: int = 4
     retry_backoff_s: float = 0.2
+    tune_allocator: bool = True
 
     def __post_init__(self) -> None:
         if self.timeout_s <= 0 or self.unary_timeout_s <= 0:

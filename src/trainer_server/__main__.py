@@ -92,6 +92,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         metavar="SECONDS",
         help="multi-process only: how long a rank waits for a slow or lost peer before the server gives up",
     )
+    parser.add_argument(
+        "--keep-allocator-defaults",
+        action="store_true",
+        help="leave glibc's malloc thresholds alone (by default they are raised so streamed tensors' "
+        "buffers are reused instead of page-faulted in again: see trainer_proto.alloc)",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.cluster_timeout <= 0:
@@ -128,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
             cluster_timeout_s=args.cluster_timeout,
             heartbeat_s=min(ServerConfig.heartbeat_s, args.cluster_timeout / 3),
+            tune_allocator=not args.keep_allocator_defaults,
         )
     except ValueError as exc:  # a limit or setting out of range
         parser.error(str(exc))

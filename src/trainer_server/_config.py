@@ -80,6 +80,8 @@ class ServerConfig:
             often, so idle ranks stay in their collectives and a lost rank is noticed.
         cluster_timeout_s: in a multi-process server, how long a rank waits in a
             collective (for a slow or lost peer) before the server gives up on it.
+        tune_allocator: keep freed memory for reuse (glibc's mmap and trim thresholds,
+            process-wide, see :mod:`trainer_proto.alloc`); False leaves the C allocator alone.
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -97,6 +99,7 @@ class ServerConfig:
     tls_key: Path | None = None
     heartbeat_s: float = 10.0
     cluster_timeout_s: float = 1800.0
+    tune_allocator: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):

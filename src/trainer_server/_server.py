@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from trainer_proto import options, pb, wire
+from trainer_proto import alloc, options, pb, wire
 from trainer_server._auth import ApiKeyInterceptor
 from trainer_server._cluster import Cluster
 from trainer_server._config import ServerConfig
@@ -130,6 +130,8 @@ class TrainerServer:
         """Bind, start serving, and load the models; returns once they are loaded."""
         if self._server is not None:
             raise RuntimeError("the server is already started")
+        if self.config.tune_allocator:
+            alloc.tune_allocator()
         limits = self.config.limits
         self.runtime = Runtime(self.config, await asyncio.to_thread(model_paths, self.config), self.cluster)
         self.runtime.on_broken = lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
