@@ -105,6 +105,9 @@ class SessionModel:
         self.seed = seed
         self.last_base = ""
         """Name of the session's last BASE checkpoint (what a DELTA is taken against)."""
+        # LoRA shares the base's tensors only where they stay as they are: moving a module
+        # (``.to``, or ``fully_shard`` onto a GPU) rewrites its parameters' data in place.
+        share = fsdp is None and self.device == base.device
         if lora is None:
             self.model: Any = copy.deepcopy(base.model)
             self.model.requires_grad_(True)
@@ -121,13 +124,14 @@ class SessionModel:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations inside peft
                 torch.manual_seed(seed)
-                self.model = get_peft_model(_share_base_copy(base.model), config)
-        if fsdp is None and self.device != base.device:
-            self.model.to(self.device)  # a whole model away from the base's device (FSDP, rank 0)
+                source = _share_base_copy(base.model) if share else copy.deepcopy(base.model)
+                self.model = get_peft_model(source, config)
         if fsdp is not None:
             # Each session shards its own copy: LoRA sessions hold 1/N of the base each, and
             # the unsharded base stays on the CPU as the source every session is built from.
             shard(self.model, fsdp)
+        elif not share:
+            self.model.to(self.device)  # a whole model away from the base's device (FSDP, rank 0)
         self.model.eval()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer: torch.optim.AdamW | None = None
