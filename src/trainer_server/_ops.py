@@ -320,7 +320,8 @@ class Engine:
             return None
         eos = state.base.eos_token_ids
         agree = self.cluster.agree if state.sharded else None  # every rank follows rank 0's tokens
-        return generate(state.model, op.prompt, op.settings, eos, self.cluster.device, agree=agree)
+        out = generate(state.model, op.prompt, op.settings, eos, self.cluster.device, agree=agree)
+        return out if self.cluster.rank == 0 else None  # the others' (equal) samples need not travel
 
 
 def serve_worker(cluster: Cluster, model_paths: dict[str, Path], dtype: str) -> None:
