@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import re
 import shutil
@@ -51,6 +52,8 @@ from trainer_server import Limits, ServerConfig, TrainerServer, init_cluster
 from trainer_server._batch import shard_bounds
 
 MODEL = "tiny-llama"
+TIED = "tied-llama"
+"""The same shape with tied input/output embeddings (as Llama-3.2-1B and Qwen2.5 have)."""
 ADAM = AdamParams(learning_rate=1e-3, beta1=0.9, weight_decay=0.01, grad_clip_norm=1.0)
 STARTUP_S = 180.0
 RTOL, ATOL = 1e-4, 1e-5
@@ -172,13 +175,30 @@ def model_dir(llama_dir: Path) -> Path:
     return llama_dir
 
 
+@pytest.fixture(scope="module")
+def tied_dir(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with ``tie_word_embeddings``: one tensor is both embedding and output layer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    out = tmp_path_factory.mktemp("tied") / TIED
+    config = AutoConfig.from_pretrained(llama_dir)
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out)
+    for f in llama_dir.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, out / f.name)
+    return out
+
+
 @pytest.fixture(scope="module", params=["replicated", "fsdp"])
 def two(
-    model_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+    model_dir: Path, tied_dir: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Launched]:
     """A two-process server for the module: models replicated on both ranks, or FSDP-sharded."""
     root = tmp_path_factory.mktemp(request.param)
-    launched = launch(model_dir, root / "checkpoints", root / "home", fsdp=request.param == "fsdp")
+    tied = ("--model", f"{TIED}={tied_dir}")
+    launched = launch(model_dir, root / "checkpoints", root / "home", *tied, fsdp=request.param == "fsdp")
     yield launched
     code = launched.stop()
     log = "".join(launched.lines)
@@ -187,10 +207,10 @@ def two(
 
 
 @pytest.fixture
-async def one(model_dir: Path, tmp_path: Path) -> Any:
+async def one(model_dir: Path, tied_dir: Path, tmp_path: Path) -> Any:
     """A one-process server on the same model files."""
     config = ServerConfig(
-        models={MODEL: model_dir},
+        models={MODEL: model_dir, TIED: tied_dir},
         port=0,
         device="cpu",
         checkpoint_dir=tmp_path / "one-checkpoints",
@@ -249,11 +269,21 @@ def read_checkpoint(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-async def train(address: str, checkpoint_dir: Path, *, lora: bool, custom: bool, batch: list[Datum], tag: str) -> Run:
+async def train(
+    address: str,
+    checkpoint_dir: Path,
+    *,
+    lora: bool,
+    custom: bool,
+    batch: list[Datum],
+    tag: str,
+    model: str = MODEL,
+    export_dtype: str = "float32",
+) -> Run:
     """Three steps of one recipe; checkpoints land in ``checkpoint_dir``."""
     run = Run()
     async with AsyncServiceClient(address) as service:
-        tc = await service.create_training_client(MODEL, lora_rank=4 if lora else None, seed=11)
+        tc = await service.create_training_client(model, lora_rank=4 if lora else None, seed=11)
         for step in range(3):
             if custom:
                 out = await tc.forward_backward_custom(batch, squared_loss)
@@ -270,7 +300,7 @@ async def train(address: str, checkpoint_dir: Path, *, lora: bool, custom: bool,
         run.logprobs.append(torch.cat((await tc.forward(batch)).logprobs))
         sampled = await tc.sample([5, 6, 7], 2, SamplingParams(max_tokens=6, temperature=1.0, seed=3))
         run.samples = [s.tokens for s in sampled.sequences]
-        info = await tc.save_checkpoint(f"{tag}-final", "base", dtype="float32")
+        info = await tc.save_checkpoint(f"{tag}-final", "base", dtype=export_dtype)
         run.weights = read_checkpoint(checkpoint_dir / info.name)
         await tc.close()
     return run
@@ -312,6 +342,36 @@ async def test_two_processes_train_like_one(
     assert_same(single, double)
     assert single.losses[-1] != single.losses[0]  # it trained
     print(f"\n{tag}: losses 1p {single.losses} 2p {double.losses}; grad norms 1p {single.norms} 2p {double.norms}")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+async def test_tied_embeddings_train_like_one_process(two: Launched, one: TrainerServer, lora: bool) -> None:
+    """One tensor serves as embedding and output layer; a bf16 BASE stores it once, as 1 process does."""
+    assert one.config.checkpoint_dir is not None
+    tag = f"tied-{'lora' if lora else 'full'}"
+    kw: dict[str, Any] = {"lora": lora, "custom": False, "batch": uneven_batch(), "tag": tag, "model": TIED}
+    single = await train(one.address, one.config.checkpoint_dir, export_dtype="bfloat16", **kw)
+    double = await train(two.address, two.checkpoint_dir, export_dtype="bfloat16", **kw)
+    weights = (single.weights, double.weights)
+    single.weights = double.weights = {}
+    assert_same(single, double)
+    assert weights[0].keys() == weights[1].keys()
+    for name, x in weights[0].items():  # bf16: fp32 values a rounding apart may land one bf16 step apart
+        torch.testing.assert_close(x.float(), weights[1][name].float(), rtol=1e-2, atol=1e-5, msg=name)
+    assert single.losses[-1] != single.losses[0]
+    # Full: still one tensor, saved once. LoRA (on lm_head too): the merged output layer differs
+    # from the embedding, is saved apart, and the config says untied (servers such as vLLM skip
+    # lm_head.weight of a tied model), so the BASE loads as trained.
+    assert ("model.safetensors:lm_head.weight" in weights[1]) == lora
+    base_dir = two.checkpoint_dir / f"{tag}-final"
+    assert json.loads((base_dir / "config.json").read_text())["tie_word_embeddings"] is not lora
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(base_dir)
+    embedding = weights[1]["model.safetensors:model.embed_tokens.weight"]
+    output = weights[1].get("model.safetensors:lm_head.weight", embedding)
+    assert torch.equal(loaded.get_output_embeddings().weight.detach(), output.float())
+    assert torch.equal(loaded.get_input_embeddings().weight.detach(), embedding.float())
 
 
 async def test_server_info_reports_the_ranks(two: Launched) -> None:

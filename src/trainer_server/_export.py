@@ -23,7 +23,7 @@ import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -57,23 +57,24 @@ def merged_state_dict(state: SessionModel) -> Iterator[tuple[str, torch.Tensor]]
 
     Merging is computed (``W + scale * B @ A`` per adapted layer), never done in place:
     LoRA sessions share the base tensors, which must not change. Tensors come as the session
-    holds them (sharded under FSDP); each merged weight exists only while it is yielded.
+    holds them (sharded under FSDP; the parameters themselves, so tied weights come as one
+    object under two names); each merged weight exists only while it is yielded.
     """
     if state.lora is None:
-        yield from state.model.state_dict().items()
+        yield from state.model.state_dict(keep_vars=True).items()
         return
     from peft.tuners.lora import LoraLayer
 
     inner = state.model.get_base_model()
     layers = {name: module for name, module in inner.named_modules() if isinstance(module, LoraLayer)}
-    for key, value in inner.state_dict().items():
+    for key, value in inner.state_dict(keep_vars=True).items():
         if ".lora_" in key:
             continue
         clean = key.replace(".base_layer.", ".")
         module_name, _, param = clean.rpartition(".")
         layer = layers.get(module_name) if param == "weight" else None
         delta = None if layer is None else layer.get_delta_weight("default").to(value.dtype)  # type: ignore[attr-defined]
-        yield clean, (value if delta is None else value + delta).detach()
+        yield clean, (value if delta is None else value + delta)
 
 
 def _whole(
@@ -82,13 +83,24 @@ def _whole(
     """Whole tensors on the CPU (in ``dtype``), gathered one at a time when sharded (collective).
 
     A rank that only takes part in the gathers (``keep=False``) drops each tensor at once, so
-    no rank but the writer ever holds more than one whole tensor.
+    no rank but the writer ever holds more than one whole tensor. One tensor object under
+    several names (tied weights) is gathered once and stays one tensor, so ``save_pretrained``
+    stores it once, as it would for the unsharded model.
     """
     out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors:
-        whole = full(tensor).detach()
-        if keep:
-            out[name] = whole.to(device="cpu", dtype=dtype or whole.dtype).contiguous()
+    done: dict[int, torch.Tensor | None] = {}  # by parameter: alive in the model, so ids are not reused
+    with torch.no_grad():
+        for name, tensor in tensors:
+            key = id(tensor) if isinstance(tensor, torch.nn.Parameter) else None
+            if key is None or key not in done:
+                whole = full(tensor).detach()
+                result = whole.to(device="cpu", dtype=dtype or whole.dtype).contiguous() if keep else None
+                if key is not None:
+                    done[key] = result
+            else:
+                result = done[key]
+            if keep:
+                out[name] = cast(torch.Tensor, result)
     return out
 
 
@@ -100,6 +112,8 @@ def write_base(state: SessionModel, out: Path | None, dtype: torch.dtype) -> Non
     state.base.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
+    if config.get("tie_word_embeddings") and _untied(state.base.model, tensors):
+        config["tie_word_embeddings"] = False  # LoRA on the output layer: loading must not re-tie it
     dtype_name = str(dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
@@ -107,6 +121,16 @@ def write_base(state: SessionModel, out: Path | None, dtype: torch.dtype) -> Non
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for name, data in state.base.tokenizer_files.items():
         (out / name).write_bytes(data)
+
+
+def _untied(model: Any, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether the exported output layer is no longer the input embedding (a tied model's)."""
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    names = {id(module): name for name, module in model.named_modules()}
+    if inputs is None or outputs is None or id(inputs) not in names or id(outputs) not in names:
+        return False
+    out_weight = tensors.get(f"{names[id(outputs)]}.weight")
+    return out_weight is not None and out_weight is not tensors.get(f"{names[id(inputs)]}.weight")
 
 
 def base_dtype(base_dir: Path) -> torch.dtype:
@@ -135,7 +159,7 @@ def write_delta(state: SessionModel, out: Path | None, base_dir: Path, dtype: to
 
 def write_adapter(state: SessionModel, out: Path | None) -> None:
     """Write the LoRA adapter in PEFT layout."""
-    tensors = _whole(state.model.state_dict().items(), out is not None)  # PEFT picks what it saves
+    tensors = _whole(state.model.state_dict(keep_vars=True).items(), out is not None)  # PEFT picks what it saves
     if out is not None:
         state.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
 
