@@ -46,6 +46,7 @@ from trainer_client import (
     AsyncTrainingClient,
     ClientConfig,
     Datum,
+    LossFunctionError,
     SamplingParams,
 )
 from trainer_server import Limits, ServerConfig, TrainerServer, init_cluster
@@ -608,3 +609,28 @@ async def test_base_delta_and_adapter_exports_match_one_process(two: Launched, o
         assert single[kind].keys() == double[kind].keys(), kind
         for name in single[kind]:
             close(single[kind][name], double[kind][name], f"{kind} {name}")
+
+
+async def _after_a_dropped_graph(address: str, batch: list[Datum]) -> tuple[float, float, torch.Tensor]:
+    """A custom call whose loss fails (its held forward is released unused), then training goes on."""
+
+    def failing_loss(data: Sequence[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        raise RuntimeError("the client's loss failed")
+
+    async with AsyncServiceClient(address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=4, seed=13)
+        with pytest.raises(LossFunctionError, match="loss failed"):
+            await tc.forward_backward_custom(batch, failing_loss)
+        out = await tc.forward_backward_custom(batch, squared_loss)
+        step = await tc.optim_step(ADAM)
+        logprobs = torch.cat((await tc.forward(batch)).logprobs)
+        await tc.close()
+    return out.loss, step.grad_norm, logprobs
+
+
+async def test_a_released_forward_leaves_training_as_one_process_has_it(two: Launched, one: TrainerServer) -> None:
+    batch = tiny_batch()  # under FSDP rank 1 holds a stand-in graph, released too
+    single = await _after_a_dropped_graph(one.address, batch)
+    double = await _after_a_dropped_graph(two.address, batch)
+    close(torch.tensor(single[:2]), torch.tensor(double[:2]))
+    close(single[2], double[2])
