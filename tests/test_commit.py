@@ -129,3 +129,44 @@ async def test_other_sessions_run_while_a_checkpoint_is_hashed_and_committed(
     elapsed = time.monotonic() - started
     assert not save.done() and elapsed < 1.0, elapsed  # the device thread was free
     assert (await save).name == name
+
+
+async def test_checkpoint_files_are_written_from_a_snapshot_while_training_goes_on(
+    server: TrainerServer, service: AsyncServiceClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from safetensors.torch import load_file
+
+    from trainer_server import _export
+
+    original = _export.write_snapshot
+
+    def slow_write(*args: Any) -> Any:
+        time.sleep(1.5)  # a big model's safetensors or delta encoding
+        return original(*args)
+
+    monkeypatch.setattr(_export, "write_snapshot", slow_write)
+    saver = await service.create_training_client(LLAMA, lora_rank=4, seed=3)
+    other = await service.create_training_client(LLAMA, lora_rank=4, seed=4)
+    await saver.forward_backward(data(), "cross_entropy")
+    await saver.optim_step(AdamParams(learning_rate=1e-2))
+    await other.forward(data())  # warm
+    session = server_session(server, saver)
+    before = {n: p.detach().clone() for n, p in session.state.model.named_parameters() if p.requires_grad}
+    name = f"snap-{uuid.uuid4().hex[:8]}"
+    save = saver.save_checkpoint(name, "state")
+    trained = saver.forward_backward(data(), "cross_entropy")  # queued behind the save's snapshot
+    await asyncio.sleep(0.4)  # the snapshot is taken; the files are being written
+    started = time.monotonic()
+    await other.forward(data())
+    await trained
+    elapsed = time.monotonic() - started
+    assert not save.done() and elapsed < 1.0, elapsed  # the device thread was free for both sessions
+    step = await saver.optim_step(AdamParams(learning_rate=1e-2))  # changes the weights while or after writing
+    info = await save
+    assert info.step == 1 and step.step == 2
+    saved = load_file(str(server.runtime.checkpoint_store("").path(name) / "trainable.safetensors"))
+    assert saved.keys() == before.keys()
+    for n, p in session.state.model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(saved[n], before[n]), n  # the state at the save's turn
+    assert any(not torch.equal(saved[n], p) for n, p in session.state.model.named_parameters() if p.requires_grad)

@@ -1,10 +1,12 @@
 """Checkpoint contents: what each kind writes, and how a STATE is loaded back.
 
-Every function here runs on the device thread (it reads or writes a session's tensors)
-and writes into a temp directory that :class:`~trainer_server._checkpoints.CheckpointStore`
-commits atomically. A sharded (FSDP) session's tensors are gathered whole first, on every
-rank (:func:`trainer_server._fsdp.full`): the writers take ``out=None`` on the ranks that
-only take part in the gathers, and rank 0 writes, so the files do not depend on the layout.
+Saving is split in two. On the device thread, :func:`take_snapshot` copies what a BASE, DELTA
+or STATE checkpoint holds to CPU tensors (a sharded (FSDP) session's tensors are gathered whole
+first, on every rank, one at a time; the ranks that only take part keep nothing); then
+:func:`write_snapshot` writes the files from that copy on any thread, while training goes on.
+An ADAPTER is small and PEFT writes it from the live model: :func:`write_adapter` runs on the
+device thread. Files land in a temp directory that
+:class:`~trainer_server._checkpoints.CheckpointStore` commits atomically.
 
 - BASE: ``config.json``, ``model.safetensors`` (LoRA merged, in the export dtype),
   ``generation_config.json`` and the tokenizer files: a plain Hugging Face directory.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,17 +36,18 @@ from trainer_proto import pb
 from trainer_server._engine import SessionModel
 from trainer_server._errors import invalid_argument
 from trainer_server._fsdp import full, sharded_like
+from trainer_server._models import BaseModel
 
 __all__ = [
     "STATE_FILE",
+    "Snapshot",
     "base_dtype",
     "load_state",
     "merged_state_dict",
     "read_state_info",
+    "take_snapshot",
     "write_adapter",
-    "write_base",
-    "write_delta",
-    "write_state",
+    "write_snapshot",
 ]
 
 STATE_FILE = "state.json"
@@ -78,9 +82,9 @@ def merged_state_dict(state: SessionModel) -> Iterator[tuple[str, torch.Tensor]]
 
 
 def _whole(
-    tensors: Iterable[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtype | None = None
+    tensors: Iterable[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtype | None = None, *, copy: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Whole tensors on the CPU (in ``dtype``), gathered one at a time when sharded (collective).
+    """Copies of whole tensors on the CPU (in ``dtype``), gathered one at a time when sharded (collective).
 
     A rank that only takes part in the gathers (``keep=False``) drops each tensor at once, so
     no rank but the writer ever holds more than one whole tensor. One tensor object under
@@ -94,7 +98,9 @@ def _whole(
             key = id(tensor) if isinstance(tensor, torch.nn.Parameter) else None
             if key is None or key not in done:
                 whole = full(tensor).detach()
-                result = whole.to(device="cpu", dtype=dtype or whole.dtype).contiguous() if keep else None
+                # By default a copy, never a view of the live tensor: training may change that while
+                # the files are written.
+                result = whole.to(device="cpu", dtype=dtype or whole.dtype, copy=copy).contiguous() if keep else None
                 if key is not None:
                     done[key] = result
             else:
@@ -104,22 +110,95 @@ def _whole(
     return out
 
 
-def write_base(state: SessionModel, out: Path | None, dtype: torch.dtype) -> None:
-    """Write a Hugging Face model directory with the session's (merged) weights."""
-    tensors = _whole(merged_state_dict(state), out is not None, dtype)
-    if out is None:
-        return
-    state.base.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
+@dataclass
+class Snapshot:
+    """What a BASE, DELTA or STATE checkpoint holds, copied off the session (rank 0's copy).
+
+    Nothing in it is shared with the live session, so :func:`write_snapshot` may run on any
+    thread while the session trains on.
+    """
+
+    kind: str  # base, delta or state
+    dtype: torch.dtype  # of the exported weights (base, delta); float32 for state
+    step: int
+    base: BaseModel  # the base model: config, tokenizer files and layout (never trained)
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    rng: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def take_snapshot(
+    state: SessionModel, kind: str, dtype: torch.dtype, *, keep: bool, base_model: str = "", last_base: str = ""
+) -> Snapshot | None:
+    """Copy what a checkpoint of ``kind`` holds (device thread; collective when sharded).
+
+    Args:
+        state: the session.
+        kind: "base", "delta" (merged weights in ``dtype``) or "state".
+        dtype: the export dtype of base and delta weights.
+        keep: False on ranks that only take part in the gathers: nothing is kept, None returned.
+        base_model: the base model's name, recorded in a STATE's ``state.json``.
+        last_base: the session's last BASE checkpoint, recorded there too.
+    """
+    optimizer, rng, info = None, None, {}
+    if kind in ("base", "delta"):
+        tensors = _whole(merged_state_dict(state), keep, dtype)
+    elif kind == "state":
+        tensors = _whole(((n, p) for n, p in state.model.named_parameters() if p.requires_grad), keep)
+        optimizer = _optimizer_state(state, keep)
+        rng = torch.get_rng_state()
+        lora = state.lora
+        info = {
+            "base_model": base_model,
+            "step": state.step,
+            "seed": state.seed,
+            "last_base": last_base,
+            "lora": None
+            if lora is None
+            else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
+        }
+        dtype = torch.float32
+    else:
+        raise ValueError(f"no snapshot for {kind!r} checkpoints")
+    if not keep:
+        return None
+    return Snapshot(kind, dtype, state.step, state.base, tensors, optimizer, rng, info)
+
+
+def write_snapshot(snapshot: Snapshot, out: Path, base_dir: Path | None = None) -> dict[str, Any]:
+    """Write a snapshot's files into ``out`` (any thread); returns the manifest's extra fields.
+
+    Args:
+        snapshot: from :func:`take_snapshot`.
+        out: the (temp) checkpoint directory.
+        base_dir: for a DELTA, the BASE checkpoint it is taken against.
+    """
+    if snapshot.kind == "base":
+        _write_base(snapshot, out)
+        return {}
+    if snapshot.kind == "delta":
+        if base_dir is None:
+            raise ValueError("a DELTA is written against a BASE directory")
+        return _write_delta(snapshot, out, base_dir)
+    _write_state(snapshot, out)
+    return {}
+
+
+def _write_base(snapshot: Snapshot, out: Path) -> None:
+    """A Hugging Face model directory with the session's (merged) weights."""
+    model = snapshot.base.model
+    model.save_pretrained(out, state_dict=snapshot.tensors, safe_serialization=True)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
-    if config.get("tie_word_embeddings") and _untied(state.base.model, tensors):
+    if config.get("tie_word_embeddings") and _untied(model, snapshot.tensors):
         config["tie_word_embeddings"] = False  # LoRA on the output layer: loading must not re-tie it
-    dtype_name = str(dtype).removeprefix("torch.")
+    dtype_name = str(snapshot.dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name, data in state.base.tokenizer_files.items():
+    for name, data in snapshot.base.tokenizer_files.items():
         (out / name).write_bytes(data)
 
 
@@ -140,13 +219,11 @@ def base_dtype(base_dir: Path) -> torch.dtype:
     return dtype
 
 
-def write_delta(state: SessionModel, out: Path | None, base_dir: Path, dtype: torch.dtype) -> dict[str, Any]:
-    """Write a lossless delta of the session's weights against a BASE checkpoint of ``dtype``."""
+def _write_delta(snapshot: Snapshot, out: Path, base_dir: Path) -> dict[str, Any]:
+    """A lossless delta of the snapshot's weights against a BASE checkpoint of the same dtype."""
     from trainer_ckpt import delta
 
-    tensors = _whole(merged_state_dict(state), out is not None, dtype)
-    if out is None:
-        return {}
+    tensors = snapshot.tensors
     with safe_open(str(base_dir / WEIGHTS_FILE), framework="pt") as f:
         names = list(f.keys())
     missing = [n for n in names if n not in tensors]
@@ -158,8 +235,9 @@ def write_delta(state: SessionModel, out: Path | None, base_dir: Path, dtype: to
 
 
 def write_adapter(state: SessionModel, out: Path | None) -> None:
-    """Write the LoRA adapter in PEFT layout."""
-    tensors = _whole(state.model.state_dict(keep_vars=True).items(), out is not None)  # PEFT picks what it saves
+    """Write the LoRA adapter in PEFT layout (device thread; ``out=None``: only take part in the gathers)."""
+    # Written at once, so no copies; PEFT picks from the whole state dict what it saves.
+    tensors = _whole(state.model.state_dict(keep_vars=True).items(), out is not None, copy=False)
     if out is not None:
         state.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
 
@@ -173,25 +251,11 @@ def _optimizer_state(state: SessionModel, keep: bool) -> dict[str, Any] | None:
     return sd
 
 
-def write_state(state: SessionModel, out: Path | None, *, base_model: str, last_base: str) -> None:
-    """Write everything needed to resume the session exactly."""
-    named = _whole(((n, p) for n, p in state.model.named_parameters() if p.requires_grad), out is not None)
-    optimizer = _optimizer_state(state, out is not None)
-    if out is None:
-        return
-    save_file(named, str(out / _TRAINABLE), metadata={"format": "pt"})
-    torch.save({"optimizer": optimizer, "cpu_rng": torch.get_rng_state()}, out / _OPTIMIZER)
-    lora = state.lora
-    info = {
-        "base_model": base_model,
-        "step": state.step,
-        "seed": state.seed,
-        "last_base": last_base,
-        "lora": None
-        if lora is None
-        else {"rank": lora.rank, "alpha": lora.alpha, "target_modules": list(lora.target_modules)},
-    }
-    (out / STATE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+def _write_state(snapshot: Snapshot, out: Path) -> None:
+    """Everything needed to resume the session exactly."""
+    save_file(snapshot.tensors, str(out / _TRAINABLE), metadata={"format": "pt"})
+    torch.save({"optimizer": snapshot.optimizer, "cpu_rng": snapshot.rng}, out / _OPTIMIZER)
+    (out / STATE_FILE).write_text(json.dumps(snapshot.info, indent=2, sort_keys=True) + "\n")
 
 
 def read_state_info(state_dir: Path) -> tuple[dict[str, Any], pb.LoraConfig | None]:

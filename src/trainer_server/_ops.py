@@ -50,8 +50,8 @@ __all__ = [
     "Release",
     "ResumeSession",
     "Sample",
+    "SaveCheckpoint",
     "Shutdown",
-    "WriteCheckpoint",
     "serve_worker",
 ]
 
@@ -139,17 +139,19 @@ class OptimStep(Op):
 
 
 @dataclass(frozen=True)
-class WriteCheckpoint(Op):
-    """Write a session's checkpoint files into ``directory`` on rank 0 (see :mod:`_export`).
+class SaveCheckpoint(Op):
+    """Take a checkpoint of a session (see :mod:`_export`); only rank 0 keeps anything.
 
-    Sharded sessions gather whole tensors on every rank first; otherwise only rank 0 works.
+    An ADAPTER is written into ``directory`` at once. BASE, DELTA and STATE contents are copied
+    to an :class:`_export.Snapshot` that rank 0 keeps in :attr:`Engine.snapshots` under
+    ``directory``, for the files to be written off the device thread. Sharded sessions gather
+    whole tensors on every rank; otherwise the other ranks do nothing.
     """
 
     session_id: str
     kind: str  # base, delta, adapter or state
     dtype: torch.dtype  # export dtype (base, delta)
     directory: str
-    base_dir: str = ""  # delta: the BASE checkpoint it is taken against
     base_model: str = ""  # state: recorded in state.json
 
 
@@ -187,6 +189,8 @@ class Engine:
         self.sessions: dict[str, SessionModel] = {}
         self.held: dict[int, _Held] = {}
         """Forward graphs waiting for their gradient, by handle."""
+        self.snapshots: dict[str, _export.Snapshot] = {}
+        """Rank 0: checkpoint contents taken by :class:`SaveCheckpoint`, by directory, until written."""
 
     # ---- rank 0 ----------------------------------------------------------------------
 
@@ -297,22 +301,20 @@ class Engine:
             state.sum_gradients(self.cluster.all_reduce_sum_)
         return state.optim_step(op.settings)
 
-    def _WriteCheckpoint(self, op: WriteCheckpoint) -> tuple[torch.dtype, dict[str, Any], int] | None:
+    def _SaveCheckpoint(self, op: SaveCheckpoint) -> int | None:
         state = self._session(op.session_id)
-        writing = self.cluster.rank == 0
-        if not (writing or state.sharded):
+        keep = self.cluster.rank == 0
+        if not (keep or state.sharded):
             return None
-        out = Path(op.directory) if writing else None  # other ranks only take part in the gathers
-        extra: dict[str, Any] = {}
-        if op.kind == "base":
-            _export.write_base(state, out, op.dtype)
-        elif op.kind == "delta":
-            extra = _export.write_delta(state, out, Path(op.base_dir), op.dtype)
-        elif op.kind == "adapter":
-            _export.write_adapter(state, out)
+        if op.kind == "adapter":
+            _export.write_adapter(state, Path(op.directory) if keep else None)
         else:
-            _export.write_state(state, out, base_model=op.base_model, last_base=state.last_base)
-        return (op.dtype if op.kind in ("base", "delta") else torch.float32), extra, state.step
+            snapshot = _export.take_snapshot(
+                state, op.kind, op.dtype, keep=keep, base_model=op.base_model, last_base=state.last_base
+            )
+            if snapshot is not None:
+                self.snapshots[op.directory] = snapshot
+        return state.step
 
     def _Sample(self, op: Sample) -> tuple[list[SampleOut], torch.Tensor] | None:
         state = self._session(op.session_id)

@@ -426,14 +426,20 @@ class Runtime:
             await asyncio.to_thread(store.verify, state.last_base)
             dtype = await asyncio.to_thread(_export.base_dtype, store.path(state.last_base))
 
-        def write_op(tmp: Path) -> _ops.WriteCheckpoint:
-            base_dir = str(store.path(state.last_base)) if kind == "delta" else ""
-            return _ops.WriteCheckpoint(session.id, kind, dtype, str(tmp), base_dir, session.base.name)
+        base_dir = store.path(state.last_base) if kind == "delta" else None
 
         async def apply() -> T:
             with store.writing(request.name) as tmp:
-                # The device thread writes the state as of now (training waits meanwhile).
-                written_dtype, extra, step = await self.run_op(write_op(tmp))
+                # The device thread takes the state as of now (training waits meanwhile); the
+                # files are written from that copy off it, while training goes on.
+                op = _ops.SaveCheckpoint(session.id, kind, dtype, str(tmp), session.base.name)
+                try:
+                    step = await self.run_op(op)
+                finally:
+                    snapshot = self.engine.snapshots.pop(op.directory, None)
+                extra: dict[str, Any] = {}
+                if snapshot is not None:
+                    extra = await asyncio.to_thread(_export.write_snapshot, snapshot, tmp, base_dir)
                 base_checkpoint = state.last_base if kind == "delta" else ""
                 # Hashing, fsync and the rename run off the device thread: other work goes on meanwhile.
                 manifest = await asyncio.to_thread(
@@ -446,7 +452,7 @@ class Runtime:
                         session_id=session.id,
                         step=step,
                         seq=call.seq,
-                        dtype=str(written_dtype).removeprefix("torch."),
+                        dtype=str(torch.float32 if kind in ("adapter", "state") else dtype).removeprefix("torch."),
                         created_at=_now(),
                         files=files,
                         base_checkpoint=base_checkpoint,
