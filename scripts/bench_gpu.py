@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """GPU check and benchmark: the service in bf16 on CUDA through ``accelerate launch``.
 
+(``--cpu`` runs the same comparison on CPU ranks with gloo, in fp32, reporting peak RSS.)
+
 On a machine with NVIDIA GPUs this builds a Llama-style model locally (random weights,
 nothing downloaded), serves it with ``accelerate launch --num_processes N -m trainer_server
 --dtype bfloat16`` for N = 1 and N = all GPUs, drives a few training steps through the
@@ -12,6 +14,7 @@ machine without CUDA it says so and exits 0, so it is safe to run anywhere::
     python scripts/bench_gpu.py                        # ~125M params, 8 x 512 tokens, LoRA r32
     python scripts/bench_gpu.py --full --steps 10      # full fine-tune
     python scripts/bench_gpu.py --full --fsdp          # ... and FSDP beside the replicated rows
+    python scripts/bench_gpu.py --cpu --full --fsdp --hidden 512 --layers 8 --vocab 512 --seq 128 --batch 4
     python scripts/bench_gpu.py --processes 1,2,4 --hidden 1024 --layers 16
 """
 
@@ -78,8 +81,10 @@ class GpuMemory:
 FSDP_ARGS = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
 
 
-def launch(model_dir: Path, processes: int, fsdp: bool = False) -> tuple[subprocess.Popen[str], str, list[str]]:
-    """Start the server under accelerate on ``processes`` GPUs; returns it, its address, its log."""
+def launch(
+    model_dir: Path, processes: int, fsdp: bool = False, cpu: bool = False
+) -> tuple[subprocess.Popen[str], str, list[str]]:
+    """Start the server under accelerate on ``processes`` GPUs (or CPU ranks); returns it, its address, its log."""
     cmd = [
         sys.executable,
         "-m",
@@ -100,15 +105,17 @@ def launch(model_dir: Path, processes: int, fsdp: bool = False) -> tuple[subproc
         "--model",
         f"bench={model_dir}",
         "--dtype",
-        "bfloat16",
+        "float32" if cpu else "bfloat16",
         "--port",
         "0",
         "--max-tokens-per-call",
         str(1 << 20),
+        *(["--device", "cpu", "--torch-threads", "1"] if cpu else []),
     ]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if cpu:
+        env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     address: list[str] = []
     ready = threading.Event()
@@ -129,6 +136,36 @@ def launch(model_dir: Path, processes: int, fsdp: bool = False) -> tuple[subproc
         proc.kill()
         raise SystemExit("the server did not start:\n" + "".join(lines[-40:]))
     return proc, address[0], lines
+
+
+def server_processes(root: int) -> list[int]:
+    """The pids below ``root`` (the launcher) that run ``trainer_server`` (Linux ``/proc``)."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+
+    def below(pid: int) -> bool:
+        while pid in parents and pid != root:
+            pid = parents[pid]
+        return pid == root
+
+    return [p for p, c in commands.items() if p != root and below(p) and "trainer_server" in c and "launch" not in c]
+
+
+def peak_rss_mib(pid: int) -> int:
+    """Peak resident memory of a process (``VmHWM``), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
 
 
 async def drive(address: str, args: argparse.Namespace) -> tuple[list[float], int, dict[str, object]]:
@@ -167,15 +204,16 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--full", action="store_true", help="full fine-tune instead of LoRA")
     parser.add_argument("--fsdp", action="store_true", help="also run every process count > 1 with FSDP2")
+    parser.add_argument("--cpu", action="store_true", help="CPU ranks (gloo, fp32): peak RSS instead of GPU memory")
     parser.add_argument("--models-dir", type=Path, default=ROOT / ".cache" / "bench-gpu-models")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.cpu:
         print("bench_gpu: no CUDA GPU on this machine; nothing to measure (skipped).")
         return
-    gpus = torch.cuda.device_count()
-    counts = sorted({int(c) for c in args.processes.split(",") if c} or {1, gpus})
+    gpus = (os.cpu_count() or 1) if args.cpu else torch.cuda.device_count()
+    counts = sorted({int(c) for c in args.processes.split(",") if c} or {1, 2 if args.cpu else gpus})
     if max(counts) > gpus:
-        raise SystemExit(f"--processes {max(counts)} needs that many GPUs; this machine has {gpus}")
+        raise SystemExit(f"--processes {max(counts)} needs that many devices; this machine has {gpus}")
     from trainer_server import build_tiny_model
 
     model_dir = args.models_dir / f"llama-h{args.hidden}-l{args.layers}-v{args.vocab}"
@@ -191,10 +229,12 @@ def main() -> None:
         )
     rows = []
     for n, fsdp in [(n, False) for n in counts] + [(n, True) for n in counts if args.fsdp and n > 1]:
-        proc, address, _log = launch(model_dir, n, fsdp)
+        proc, address, _log = launch(model_dir, n, fsdp, args.cpu)
         try:
             with GpuMemory() as memory:
                 times, num_tokens, info = asyncio.run(drive(address, args))
+            if args.cpu:
+                memory.peak = {pid: peak_rss_mib(pid) for pid in server_processes(proc.pid)}
         finally:
             proc.terminate()
             try:
@@ -204,11 +244,12 @@ def main() -> None:
         step = statistics.median(times)
         peak = max(memory.peak.values(), default=0)
         rows.append((n, info, num_tokens, step, num_tokens / step, peak))
-    name = torch.cuda.get_device_name(0)
+    name = "CPU cores (gloo), fp32" if args.cpu else f"{torch.cuda.get_device_name(0)}; bf16"
     mode = "full fine-tune" if args.full else f"LoRA r{args.lora_rank}"
-    print(f"\n{time.strftime('%Y-%m-%d')} on {gpus} x {name}; bf16; {mode}; model h{args.hidden} l{args.layers}")
+    print(f"\n{time.strftime('%Y-%m-%d')} on {gpus} x {name}; {mode}; model h{args.hidden} l{args.layers}")
     print(f"batch {args.batch} x {args.seq} tokens; median of {args.steps} steps after one warm-up\n")
-    print("| processes | mode | tokens/step | step s | tokens/s | vs 1 process | peak GPU MiB per process |")
+    memory_column = "peak RSS MiB per process" if args.cpu else "peak GPU MiB per process"
+    print(f"| processes | mode | tokens/step | step s | tokens/s | vs 1 process | {memory_column} |")
     print("|---|---|---|---|---|---|---|")
     base = rows[0][4]
     for n, info, num_tokens, step, tps, peak in rows:

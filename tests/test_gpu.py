@@ -1,4 +1,4 @@
-"""The CUDA path: bf16 on a GPU (skipped without one), and the GPU benchmark's CPU behaviour."""
+"""The CUDA path: bf16 on a GPU (skipped without one), and the GPU benchmark's behaviour on CPU."""
 
 from __future__ import annotations
 
@@ -30,6 +30,19 @@ def test_bench_gpu_skips_cleanly_without_cuda() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "no CUDA GPU" in out.stdout
+
+
+def test_bench_gpu_runs_its_comparison_on_cpu_ranks(tmp_path: Path) -> None:
+    """The benchmark's launch, drive and table code, on CPU ranks: 1 process, 2 replicated, 2 FSDP."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--cpu", "--full", "--fsdp", "--steps", "1"]
+    cmd += ["--hidden", "64", "--layers", "2", "--vocab", "512", "--seq", "32", "--batch", "2"]
+    cmd += ["--models-dir", str(tmp_path)]
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("| 1", "single"), ("| 2", "MULTI_CPU"), ("| 2", "FSDP")], out.stdout
+    for row in rows:
+        assert float(row[3]) > 0 and int(row[6].rstrip(" |").replace(",", "")) > 100  # step s; peak RSS MiB
 
 
 @needs_cuda
