@@ -125,6 +125,7 @@ __all__ = [
     "apply_delta_to_dir",
     "decode_delta",
     "encode_delta",
+    "fsync_dir",
     "read_manifest",
     "weights_sha256",
     "write_delta",
@@ -784,7 +785,8 @@ def xor_zstd_baseline_size(
 # --------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush a directory to disk so renames and new entries in it are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -850,7 +852,7 @@ def write_delta(
         jf.write(text)
         jf.flush()
         os.fsync(jf.fileno())
-    _fsync_dir(out_dir)
+    fsync_dir(out_dir)
     return DeltaStats.from_entries(entries, manifest_bytes=len(text.encode("utf-8")))
 
 
@@ -1076,10 +1078,10 @@ def apply_delta_to_dir(
                 with path.open("rb") as fh:
                     os.fsync(fh.fileno())
         tmp.chmod(0o755)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     return out_dir

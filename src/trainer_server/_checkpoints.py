@@ -39,6 +39,7 @@ from typing import Any
 
 import grpc
 
+from trainer_ckpt.delta import fsync_dir
 from trainer_proto.checksums import sha256_file
 from trainer_server._errors import ServiceError, invalid_argument, not_found
 
@@ -48,7 +49,6 @@ __all__ = [
     "CheckpointStore",
     "FileEntry",
     "Manifest",
-    "fsync_dir",
     "validate_name",
 ]
 
@@ -80,15 +80,6 @@ def validate_name(name: str) -> str:
             "(at most 128 characters)"
         )
     return name
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory to disk so renames and new entries in it are durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_file(path: Path) -> None:
