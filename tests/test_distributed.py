@@ -539,10 +539,14 @@ def test_shards_are_contiguous_balanced_and_cover_the_batch(lengths: list[int], 
     [
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "set fsdp_version: 2"),
         ({"ACCELERATE_USE_FSDP": "true"}, "set fsdp_version: 2"),  # accelerate's default version is 1
+        (
+            {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"},
+            "fsdp_offload_params moves parameters from GPUs",
+        ),
         ({"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed is not supported"),
         ({"ACCELERATE_USE_MEGATRON_LM": "true"}, "Megatron-LM is not supported"),
     ],
-    ids=["fsdp1", "fsdp-default-version", "deepspeed", "megatron"],
+    ids=["fsdp1", "fsdp-default-version", "fsdp-offload-on-cpu", "deepspeed", "megatron"],
 )
 def test_unsupported_accelerate_modes_are_refused(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], message: str

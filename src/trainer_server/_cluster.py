@@ -146,9 +146,11 @@ def init_cluster(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S
                 "Launch without it (see docs/DISTRIBUTED.md)."
             )
     fsdp = plan_from_env() if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") else None
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    if fsdp is not None and fsdp.offloads and cpu:
+        raise ValueError("fsdp_offload_params moves parameters from GPUs to the CPU; these ranks run on the CPU")
     from accelerate import PartialState
 
-    cpu = device == "cpu" or not torch.cuda.is_available()
     timeout = datetime.timedelta(seconds=timeout_s)
     state = PartialState(cpu=cpu, timeout=timeout)
     if state.num_processes <= 1:  # pragma: no cover - accelerate fell back to one process

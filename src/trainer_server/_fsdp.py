@@ -43,6 +43,13 @@ class FsdpPlan:
         """Free the gathered parameters after each unit's forward (accelerate's default: yes)."""
         return bool(self.plugin.reshard_after_forward)
 
+    @property
+    def offloads(self) -> bool:
+        """Parameters live on the CPU between uses (``fsdp_offload_params``)."""
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        return isinstance(self.plugin.cpu_offload, CPUOffloadPolicy)
+
     def describe(self) -> str:
         """One line for the log."""
         offload = type(self.plugin.cpu_offload).__name__
