@@ -71,9 +71,17 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
     )
 
 
-def _share_base_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A structural copy of ``model`` whose parameters are the same tensor objects."""
-    memo: dict[int, Any] = {id(p): p for p in model.parameters()}
+def _share_base_copy(model: torch.nn.Module, *, new_parameters: bool = False) -> torch.nn.Module:
+    """A structural copy of ``model`` over the same parameter data (no weights are copied).
+
+    The copy's parameters are the very same objects, or with ``new_parameters`` new
+    Parameter objects over the same data: then re-binding them (``fully_shard`` gives a
+    parameter new data when it moves or shards it) leaves the original's parameters alone.
+    """
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach(), requires_grad=p.requires_grad) if new_parameters else p
+        for p in model.parameters()
+    }
     return copy.deepcopy(model, memo)
 
 
@@ -108,8 +116,15 @@ class SessionModel:
         # LoRA shares the base's tensors only where they stay as they are: moving a module
         # (``.to``, or ``fully_shard`` onto a GPU) rewrites its parameters' data in place.
         share = fsdp is None and self.device == base.device
+        if fsdp is not None:
+            # Sharding copies each rank's rows into new tensors: no whole copy of the base is made.
+            source = _share_base_copy(base.model, new_parameters=True)
+        elif lora is not None and share:
+            source = _share_base_copy(base.model)
+        else:
+            source = copy.deepcopy(base.model)
         if lora is None:
-            self.model: Any = copy.deepcopy(base.model)
+            self.model: Any = source
             self.model.requires_grad_(True)
         else:
             from peft import LoraConfig, get_peft_model
@@ -124,11 +139,10 @@ class SessionModel:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations inside peft
                 torch.manual_seed(seed)
-                source = _share_base_copy(base.model) if share else copy.deepcopy(base.model)
                 self.model = get_peft_model(source, config)
         if fsdp is not None:
             # Each session shards its own copy: LoRA sessions hold 1/N of the base each, and
-            # the unsharded base stays on the CPU as the source every session is built from.
+            # the unsharded base stays on the CPU, unchanged, as the source of every session.
             shard(self.model, fsdp)
         elif not share:
             self.model.to(self.device)  # a whole model away from the base's device (FSDP, rank 0)
