@@ -265,3 +265,163 @@ def test_sft_step_through_sdk(served: Served) -> None:
     assert step.metrics == {"step:max": 1.0}
     assert served.backend.calls == [("m0", "fwdbwd"), ("m0", "optim")]
     sc.close("success").result()
+
+
+# ----------------------------------------------------------------------------- raw HTTP
+
+
+def post(url: str, path: str, body: object, key: str | None = KEY_A, **headers: str) -> httpx.Response:
+    hdrs = {"X-API-Key": key} if key is not None else {}
+    hdrs.update(headers)
+    if isinstance(body, bytes):
+        return httpx.post(f"{url}/api/v1/{path}", content=body, headers=hdrs, timeout=30)
+    return httpx.post(f"{url}/api/v1/{path}", json=body, headers=hdrs, timeout=30)
+
+
+def result(url: str, request_id: str, key: str = KEY_A, proto: bool = False) -> httpx.Response:
+    deadline = time.monotonic() + 30
+    while True:
+        headers = {"Accept": "application/x-protobuf"} if proto else {}
+        r = post(url, "retrieve_future", {"request_id": request_id}, key, **headers)
+        if r.headers["content-type"].startswith("application/json") and r.json().get("type") == "try_again":
+            assert time.monotonic() < deadline
+            continue
+        return r
+
+
+def new_model(url: str, key: str = KEY_A) -> str:
+    session = post(url, "create_session", {"tags": [], "sdk_version": "raw"}, key).json()["session_id"]
+    body = {"session_id": session, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 2}}
+    sub = post(url, "create_model", body, key).json()
+    assert result(url, sub["request_id"], key).json()["model_id"] == sub["model_id"]
+    return str(sub["model_id"])
+
+
+def fwdbwd_body(model_id: str, seq_id: int, targets: list[int], weights: list[float] | None = None) -> bytes:
+    msg = wire.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id, loss_fn="cross_entropy")
+    d = msg.data.add()
+    d.model_input.add().encoded_text.tokens = np.arange(len(targets), dtype="<i4").tobytes()
+    d.loss_fn_inputs["target_tokens"].CopyFrom(
+        wire.Tensor(dense=np.asarray(targets, "<i8").tobytes(), dtype=wire.DTYPE_INT64, shape=[len(targets)])
+    )
+    w = weights if weights is not None else [1.0] * len(targets)
+    d.loss_fn_inputs["weights"].CopyFrom(
+        wire.Tensor(dense=np.asarray(w, "<f4").tobytes(), dtype=wire.DTYPE_FLOAT32, shape=[len(w)])
+    )
+    return msg.SerializeToString()
+
+
+PB = {"Content-Type": "application/x-protobuf"}
+
+
+def optim(url: str, model_id: str, seq_id: int, key: str = KEY_A) -> httpx.Response:
+    body = {"model_id": model_id, "seq_id": seq_id, "adam_params": {"learning_rate": 0.01}}
+    return post(url, "optim_step", body, key)
+
+
+def test_calls_run_in_seq_order_and_retries_apply_once(served: Served) -> None:
+    mid = new_model(served.url)
+    late = optim(served.url, mid, 2).json()["request_id"]  # arrives first, runs second
+    fb_body = fwdbwd_body(mid, 1, [1, 2, 3])
+    first = post(served.url, "forward_backward", fb_body, **PB).json()["request_id"]
+    again = post(served.url, "forward_backward", fb_body, **PB).json()["request_id"]
+    assert again == first
+    assert result(served.url, late).json() == {"metrics": {"step:max": 1.0}}
+    out = result(served.url, first, proto=True)
+    assert out.headers["content-type"] == "application/x-protobuf"
+    assert served.backend.calls == [("m0", "fwdbwd"), ("m0", "optim")]
+    # Same seq_id, other content: a conflict, refused without retry; nothing applied.
+    clash = post(served.url, "forward_backward", fwdbwd_body(mid, 1, [4, 5]), **PB)
+    assert clash.status_code == 409 and "seq_id 1 was already used" in clash.json()["detail"]
+    assert clash.headers["x-should-retry"] == "false"
+    assert len(served.backend.calls) == 2
+
+
+def test_refused_call_does_not_block_later_ones(served: Served) -> None:
+    mid = new_model(served.url)
+    bad = post(served.url, "forward_backward", fwdbwd_body(mid, 1, [1, 2, 3], [1.0]), **PB)
+    assert bad.status_code == 400
+    assert bad.json()["detail"] == "forward_backward: data[0].loss_fn_inputs['weights']: 1 entries for 3 input tokens"
+    assert result(served.url, optim(served.url, mid, 2).json()["request_id"]).json()["metrics"] == {"step:max": 1.0}
+    bad_json = post(served.url, "optim_step", {"model_id": mid, "seq_id": 3, "adam_params": {"learning_rate": "x"}})
+    assert bad_json.status_code == 400 and "adam_params.learning_rate" in bad_json.json()["detail"]
+    assert result(served.url, optim(served.url, mid, 4).json()["request_id"]).json()["metrics"] == {"step:max": 2.0}
+    assert served.backend.calls == [("m0", "optim"), ("m0", "optim")]
+
+
+def test_missing_predecessor_fails_the_call_unapplied(served: Served) -> None:
+    mid = new_model(served.url)
+    rid = optim(served.url, mid, 3).json()["request_id"]
+    failure = result(served.url, rid).json()
+    assert failure == {
+        "error": "seq_id 3 waited 2 s for seq_id 1, which never arrived; it was not applied",
+        "category": "user",
+    }
+    assert served.backend.calls == []
+    assert optim(served.url, mid, 2).status_code == 409  # given up: behind the next seq_id
+    assert result(served.url, optim(served.url, mid, 4).json()["request_id"]).json()["metrics"] == {"step:max": 1.0}
+
+
+def test_bad_bodies_are_refused_precisely_and_change_nothing(served: Served) -> None:
+    url = served.url
+    mid = new_model(url)
+    cases: list[tuple[httpx.Response, int, str]] = [
+        (post(url, "create_session", b"{not json", **{"Content-Type": "application/json"}), 400, "not valid JSON"),
+        (post(url, "create_session", [1, 2]), 400, "must be a JSON object, got list"),
+        (post(url, "forward_backward", b"\xff\xff\xff", **PB), 400, "not a valid ForwardBackwardRequest protobuf"),
+        (post(url, "forward_backward", fwdbwd_body(mid, 1, [1]), **{"Content-Type": "application/json"}), 400,
+         "Content-Type must be application/x-protobuf"),
+        (post(url, "forward_backward", b"\x28\xb5\x2f\xfd garbage", **PB, **{"Content-Encoding": "zstd"}), 400,
+         "not valid zstd data"),
+        (post(url, "forward_backward", b"x" * (2 << 20), **PB), 413, "exceeds the server's limit of 1048576 bytes"),
+        (post(url, "forward_backward", zstandard.ZstdCompressor().compress(b"\0" * (2 << 20)), **PB,
+              **{"Content-Encoding": "zstd"}), 413, "decompressed body exceeds"),
+        (post(url, "optim_step", {"model_id": "sess-000000000000:train:9", "seq_id": 1, "adam_params": {}}), 404,
+         "unknown model_id"),
+        (post(url, "optim_step", {"model_id": mid, "seq_id": 0, "adam_params": {}}), 400, "seq_id must be >= 1"),
+        (post(url, "optim_step", {"model_id": mid, "seq_id": 1}), 400, "exactly one of adam_params and optim_params"),
+        (post(url, "create_session", {}, key=None), 401, "missing or invalid API key"),
+        (post(url, "create_session", {}, key="tml-wrong"), 401, "missing or invalid API key"),
+        (post(url, "retrieve_future", {"request_id": "req-nope"}), 404, "unknown or expired request_id"),
+        (post(url, "no_such_route", {}), 404, "unknown route POST /api/v1/no_such_route"),
+        (post(url, "copy_weights", {}), 400, "not supported by this server"),
+        (post(url, "sessions/search", {}), 400, "not supported by this server"),
+    ]
+    for response, status, text in cases:
+        assert response.status_code == status, (response.status_code, response.text)
+        assert text in response.json()["detail"], response.json()
+    assert served.backend.calls == []
+    # The refused optim_step with seq_id 1 consumed its number; seq_id 2 runs at once.
+    rid = post(url, "forward_backward", fwdbwd_body(mid, 2, [1]), **PB).json()["request_id"]
+    assert result(url, rid, proto=True).status_code == 200
+    assert served.backend.calls == [("m0", "fwdbwd")]
+
+
+def test_zstd_bodies_are_decoded(served: Served) -> None:
+    mid = new_model(served.url)
+    body = zstandard.ZstdCompressor().compress(fwdbwd_body(mid, 1, [1, 2]))
+    rid = post(served.url, "forward_backward", body, **PB, **{"Content-Encoding": "zstd"}).json()["request_id"]
+    out = wire.ForwardBackwardOutput()
+    out.ParseFromString(result(served.url, rid, proto=True).content)
+    assert out.metrics["loss:sum"] == pytest.approx(1.1 + 1.2, rel=1e-6)
+    lp = np.frombuffer(out.loss_fn_outputs[0].fields["logprobs"].data, dtype="<f4")
+    np.testing.assert_allclose(lp, [-1.1, -1.2], rtol=1e-6)
+
+
+def test_two_keys_are_isolated(served: Served) -> None:
+    mid = new_model(served.url, KEY_A)
+    rid = optim(served.url, mid, 1).json()["request_id"]
+    assert post(served.url, "get_info", {"model_id": mid}, KEY_B).status_code == 404
+    assert optim(served.url, mid, 2, KEY_B).status_code == 404
+    assert post(served.url, "retrieve_future", {"request_id": rid}, KEY_B).status_code == 404
+    assert result(served.url, rid, KEY_A).status_code == 200
+    sc_a, sc_b = client(served.url, KEY_A), client(served.url, KEY_B)
+    tc = sc_a.create_lora_training_client(base_model=BASE, rank=2).result()
+    path = tc.save_state("shared-name").result().path
+    assert [c.tinker_path for c in sc_a.create_rest_client().list_user_checkpoints().result().checkpoints] == [path]
+    assert sc_b.create_rest_client().list_user_checkpoints().result().checkpoints == []
+    with pytest.raises(tinker.NotFoundError):
+        sc_b.create_rest_client().get_weights_info_by_tinker_path(path).result()
+    with pytest.raises(tinker.NotFoundError, match=f"no checkpoint {path}"):
+        sc_b.create_training_client_from_state(path).result()
+    assert owner_id(KEY_A) != owner_id(KEY_B)

@@ -50,7 +50,7 @@ from trainer_server.tinker.errors import (
     from_backend,
 )
 from trainer_server.tinker.futures import FutureStore, Pending, Reply
-from trainer_server.tinker.ordering import SeqGapError, SeqOrder
+from trainer_server.tinker.ordering import SeqOrder
 from trainer_server.tinker.paths import TinkerPath, model_id, new_session_id, parse_model_id, sampler_id
 from trainer_server.tinker.sessions import Registry, Sampler, Session, TrainingModel
 
@@ -591,7 +591,7 @@ class TinkerFrontEnd:
             assert body.session_id is not None and body.model_seq_id is not None
             session = self.registry.session(owner, body.session_id)
             path = TinkerPath.parse(body.path)
-            info = self.backend.checkpoint(owner, path.store_name)
+            info = self._checkpoint(owner, path)
             if body.base_model is not None and body.base_model != info.base_model:
                 raise BadRequest(
                     f"load_weights: base_model {body.base_model!r} differs from the checkpoint's {info.base_model!r}; "
@@ -641,7 +641,7 @@ class TinkerFrontEnd:
             path = TinkerPath.parse(model_path)
             if path.kind == "external":
                 raise BadRequest(f"{model_path}: external weights cannot be sampled; save sampler weights instead")
-            info = self.backend.checkpoint(owner, path.store_name)
+            info = self._checkpoint(owner, path)
             return path.store_name, info.base_model, model_path
         if base_model is None:
             raise BadRequest("give base_model or model_path")
@@ -731,7 +731,7 @@ class TinkerFrontEnd:
     async def weights_info(self, request: Request) -> Response:
         """``POST weights_info``: base model and adapter of a checkpoint."""
         owner, body, _ = await self.json_body(request, schema.WeightsInfoBody)
-        info = self.backend.checkpoint(owner, TinkerPath.parse(body.tinker_path).store_name)
+        info = self._checkpoint(owner, TinkerPath.parse(body.tinker_path))
         lora = info.lora
         return JSONResponse(
             {
@@ -743,6 +743,12 @@ class TinkerFrontEnd:
                 "train_unembed": lora.train_unembed if lora else None,
             }
         )
+
+    def _checkpoint(self, owner: str, path: TinkerPath) -> backend.CheckpointInfo:
+        try:
+            return self.backend.checkpoint(owner, path.store_name)
+        except backend.NotFound:
+            raise NotFound(f"no checkpoint {path}") from None
 
     def _checkpoints(self, owner: str, run_id: str | None = None) -> list[dict[str, Any]]:
         out = []
@@ -855,7 +861,7 @@ async def _failing_as_reply(work: Awaitable[Reply]) -> Reply:
     """Run ``work``; unexpected exceptions are logged and become a generic server failure."""
     try:
         return await work
-    except (HTTPError, backend.BackendError, SeqGapError, asyncio.CancelledError):
+    except (HTTPError, backend.BackendError, asyncio.CancelledError):
         raise
     except Exception as exc:
         log.exception("tinker front end: request failed")

@@ -18,6 +18,7 @@ Tree::
     ├── Unauthenticated     401
     ├── NotFound            404
     ├── Conflict            409  (never retried: ``x-should-retry: false``)
+    │   └── SeqGapError          (a future's failure: an earlier seq_id never arrived)
     ├── PayloadTooLarge     413
     ├── NotSupported        400  (a hosted-service route: "not supported by this server")
     ├── TooManyRequests     429
@@ -37,6 +38,7 @@ __all__ = [
     "NotFound",
     "NotSupported",
     "PayloadTooLarge",
+    "SeqGapError",
     "ServiceUnavailable",
     "TooManyRequests",
     "Unauthenticated",
@@ -83,6 +85,10 @@ class Conflict(HTTPError):
     """The request conflicts with state (a reused seq_id, a finished session)."""
 
     status = 409
+
+
+class SeqGapError(Conflict):
+    """A training call's predecessor never arrived; the call was not applied."""
 
 
 class PayloadTooLarge(HTTPError):
@@ -132,7 +138,14 @@ def from_backend(exc: backend.BackendError) -> HTTPError:
     return HTTPError(str(exc))
 
 
+_USER_ERRORS = (backend.InvalidInput, backend.NotFound, backend.Conflict, backend.LimitExceeded, HTTPError)
+
+
 def error_category(exc: BaseException) -> str:
-    """Tinker's ``RequestErrorCategory`` of a failed future: ``user`` for bad input, else ``server``."""
-    user = (backend.InvalidInput, backend.NotFound, backend.Conflict, backend.LimitExceeded, BadRequest, NotFound)
-    return "user" if isinstance(exc, user) else "server"
+    """Tinker's ``RequestErrorCategory`` of a failed future: ``user`` for bad input, else ``server``.
+
+    A :class:`SeqGapError` (the client never sent an earlier call) counts as the user's.
+    """
+    if isinstance(exc, HTTPError) and exc.status >= 500:
+        return "server"
+    return "user" if isinstance(exc, _USER_ERRORS) else "server"

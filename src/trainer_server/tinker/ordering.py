@@ -22,15 +22,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from trainer_server.tinker.errors import BadRequest, Conflict
+from trainer_server.tinker.errors import BadRequest, Conflict, SeqGapError
 
-__all__ = ["SeqGapError", "SeqOrder"]
+__all__ = ["SeqOrder"]
 
 T = TypeVar("T")
-
-
-class SeqGapError(Exception):
-    """A call's predecessor never arrived; the call was not applied."""
 
 
 @dataclass

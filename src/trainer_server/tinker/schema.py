@@ -277,7 +277,10 @@ def loads_object(body: bytes) -> dict[str, Any]:
     Raises:
         ValueError: Not JSON, or not an object.
     """
-    data = json.loads(body) if body else None
+    try:
+        data = json.loads(body) if body else None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"body is not valid JSON ({exc})") from None
     if not isinstance(data, dict):
         raise ValueError(f"body must be a JSON object, got {type(data).__name__}")
     return data
