@@ -70,10 +70,11 @@ class FakeBackend:
         return be.ModelHandle(key)
 
     async def load_model(self, owner: str, checkpoint: str, *, with_optimizer: bool) -> be.ModelHandle:
-        info, saved, _ = self._ckpt(owner, checkpoint)
+        _info, saved, _ = self._ckpt(owner, checkpoint)
         key = f"m{len(self.models)}"
-        self.models[key] = _Model(owner, saved.info, saved.w, 0.0, saved.step if with_optimizer else 0,
-                                  saved.m if with_optimizer else 0.0)
+        self.models[key] = _Model(
+            owner, saved.info, saved.w, 0.0, saved.step if with_optimizer else 0, saved.m if with_optimizer else 0.0
+        )
         return be.ModelHandle(key)
 
     def model_info(self, model: be.ModelHandle) -> be.ModelInfo:
@@ -151,13 +152,17 @@ class FakeBackend:
         pass
 
     async def sample(
-        self, owner: str, source: str, prompt: np.ndarray, num_samples: int, spec: be.SampleSpec, *,
-        prompt_logprobs: bool, topk_prompt_logprobs: int,
+        self,
+        owner: str,
+        source: str,
+        prompt: np.ndarray,
+        num_samples: int,
+        spec: be.SampleSpec,
+        *,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
     ) -> be.SampleResult:
-        if source == BASE:
-            m = _Model(owner, be.ModelInfo(BASE, None))
-        else:
-            m = self._ckpt(owner, source)[1]
+        m = _Model(owner, be.ModelInfo(BASE, None)) if source == BASE else self._ckpt(owner, source)[1]
         rng = np.random.default_rng(spec.seed)
         seqs = []
         for _ in range(num_samples):
@@ -226,8 +231,13 @@ def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Served]:
     compress = getattr(request, "param", False)
     front = TinkerFrontEnd(
         fake,
-        TinkerConfig(api_keys=frozenset({KEY_A, KEY_B}), poll_wait_s=0.5, gap_timeout_s=2.0,
-                     compress_forward_backward=compress, max_body_bytes=1 << 20),
+        TinkerConfig(
+            api_keys=frozenset({KEY_A, KEY_B}),
+            poll_wait_s=0.5,
+            gap_timeout_s=2.0,
+            compress_forward_backward=compress,
+            max_body_bytes=1 << 20,
+        ),
     )
     for url in serve(front):
         yield Served(url, fake, front)
@@ -369,15 +379,33 @@ def test_bad_bodies_are_refused_precisely_and_change_nothing(served: Served) -> 
         (post(url, "create_session", b"{not json", **{"Content-Type": "application/json"}), 400, "not valid JSON"),
         (post(url, "create_session", [1, 2]), 400, "must be a JSON object, got list"),
         (post(url, "forward_backward", b"\xff\xff\xff", **PB), 400, "not a valid ForwardBackwardRequest protobuf"),
-        (post(url, "forward_backward", fwdbwd_body(mid, 1, [1]), **{"Content-Type": "application/json"}), 400,
-         "Content-Type must be application/x-protobuf"),
-        (post(url, "forward_backward", b"\x28\xb5\x2f\xfd garbage", **PB, **{"Content-Encoding": "zstd"}), 400,
-         "not valid zstd data"),
+        (
+            post(url, "forward_backward", fwdbwd_body(mid, 1, [1]), **{"Content-Type": "application/json"}),
+            400,
+            "Content-Type must be application/x-protobuf",
+        ),
+        (
+            post(url, "forward_backward", b"\x28\xb5\x2f\xfd garbage", **PB, **{"Content-Encoding": "zstd"}),
+            400,
+            "not valid zstd data",
+        ),
         (post(url, "forward_backward", b"x" * (2 << 20), **PB), 413, "exceeds the server's limit of 1048576 bytes"),
-        (post(url, "forward_backward", zstandard.ZstdCompressor().compress(b"\0" * (2 << 20)), **PB,
-              **{"Content-Encoding": "zstd"}), 413, "decompressed body exceeds"),
-        (post(url, "optim_step", {"model_id": "sess-000000000000:train:9", "seq_id": 1, "adam_params": {}}), 404,
-         "unknown model_id"),
+        (
+            post(
+                url,
+                "forward_backward",
+                zstandard.ZstdCompressor().compress(b"\0" * (2 << 20)),
+                **PB,
+                **{"Content-Encoding": "zstd"},
+            ),
+            413,
+            "decompressed body exceeds",
+        ),
+        (
+            post(url, "optim_step", {"model_id": "sess-000000000000:train:9", "seq_id": 1, "adam_params": {}}),
+            404,
+            "unknown model_id",
+        ),
         (post(url, "optim_step", {"model_id": mid, "seq_id": 0, "adam_params": {}}), 400, "seq_id must be >= 1"),
         (post(url, "optim_step", {"model_id": mid, "seq_id": 1}), 400, "exactly one of adam_params and optim_params"),
         (post(url, "create_session", {}, key=None), 401, "missing or invalid API key"),
@@ -425,3 +453,91 @@ def test_two_keys_are_isolated(served: Served) -> None:
     with pytest.raises(tinker.NotFoundError, match=f"no checkpoint {path}"):
         sc_b.create_training_client_from_state(path).result()
     assert owner_id(KEY_A) != owner_id(KEY_B)
+
+
+def test_checkpoints_sampling_and_custom_loss_through_sdk(served: Served) -> None:
+    torch = pytest.importorskip("torch")
+    sc = client(served.url)
+    tc = sc.create_lora_training_client(base_model=BASE, rank=2).result()
+    data = [datum([1, 2, 3])]
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(types.AdamParams(learning_rate=0.5)).result()
+    state = tc.save_state("step1").result().path
+    assert state == f"tinker://{tc.model_id}/weights/step1"
+    sampler_path = tc.save_weights_for_sampler("s1").result().path
+    rest = sc.create_rest_client()
+    listed = rest.list_checkpoints(tc.model_id).result().checkpoints
+    assert [(c.checkpoint_type, c.tinker_path) for c in listed] == [("training", state), ("sampler", sampler_path)]
+    info = rest.get_weights_info_by_tinker_path(state).result()
+    assert (info.base_model, info.is_lora, info.lora_rank) == (BASE, True, 2)
+
+    # Resume with the optimizer: the next step equals the uninterrupted model's next step.
+    resumed = sc.create_training_client_from_state_with_optimizer(state).result()
+    for c in (tc, resumed):
+        c.forward_backward(data, "cross_entropy").result()
+        c.optim_step(types.AdamParams(learning_rate=0.5)).result()
+    a, b = served.backend.models["m0"], served.backend.models["m1"]
+    assert (a.w, a.step, a.m) == (b.w, b.step, b.m)
+
+    # Sampling from ephemeral and named weights; prompt logprobs equal compute_logprobs.
+    sampler = tc.save_weights_and_get_sampling_client().result()
+    prompt = types.ModelInput.from_ints([3, 4, 5, 6])
+    out = sampler.sample(prompt, 2, types.SamplingParams(max_tokens=3, seed=7), include_prompt_logprobs=True).result()
+    assert [len(s.tokens) for s in out.sequences] == [3, 3]
+    assert all(s.stop_reason == "length" for s in out.sequences)
+    logprobs = sampler.compute_logprobs(prompt).result()
+    assert logprobs[0] is None and out.prompt_logprobs is not None
+    np.testing.assert_allclose(logprobs[1:], out.prompt_logprobs[1:], rtol=1e-6)
+    named = sc.create_sampling_client(model_path=sampler_path).result()
+    again = named.sample(prompt, 2, types.SamplingParams(max_tokens=3, seed=7)).result()
+    assert again.sequences[0].tokens == out.sequences[0].tokens  # same seed: same draws (fake draws ignore weights)
+    base = sc.create_sampling_client(base_model=BASE).result()
+    topk = base.sample(
+        prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True, topk_prompt_logprobs=2
+    ).result()
+    assert topk.topk_prompt_logprobs is not None and topk.topk_prompt_logprobs[1] == [
+        (0, -1.0),
+        (1, pytest.approx(-1.1)),
+    ]
+
+    # The SDK's own forward_backward_custom: forward, local loss, linear surrogate backward.
+    def loss_fn(batch: list[types.Datum], lps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = sum((lp**2).sum() for lp in lps)
+        return loss, {"sq:sum": float(loss)}
+
+    custom = tc.forward_backward_custom(data, loss_fn).result()
+    lp = -(1 + (np.array([2, 3]) % 5) / 10) - a.w
+    assert custom.metrics["loss:sum"] == pytest.approx(float((lp**2).sum()), rel=1e-5)
+    assert served.backend.calls[-2:] == [("m0", "fwd"), ("m0", "fwdbwd")]
+
+    # External weights: URLs served by this server, for the owner only.
+    ext = tc.save_weights_external("hf").result().path
+    urls = rest.get_external_weights_urls(ext).result().urls
+    assert list(urls) == ["config.json"]
+    assert json.loads(httpx.get(urls["config.json"]).content) == {"w": a.w}
+    assert httpx.get(urls["config.json"].replace("sig=", "sig=0")).status_code == 404
+
+    rest.delete_checkpoint_from_tinker_path(state).result()
+    assert state not in [c.tinker_path for c in rest.list_checkpoints(tc.model_id).result().checkpoints]
+    with pytest.raises(tinker.BadRequestError, match="not supported by this server"):
+        rest.publish_checkpoint_from_tinker_path(sampler_path).result()
+    sc.close("success").result()
+
+
+def test_failures_surface_as_sdk_exceptions(served: Served) -> None:
+    with pytest.raises(tinker.AuthenticationError, match="missing or invalid API key"):
+        client(served.url, "tml-not-a-key").create_lora_training_client(base_model=BASE, rank=2).result()
+    sc = client(served.url)
+    with pytest.raises(tinker.RequestFailedError, match="unknown base model 'nope'"):
+        sc.create_lora_training_client(base_model="nope", rank=2).result()
+    tc = sc.create_lora_training_client(base_model=BASE, rank=2).result()
+    with pytest.raises(tinker.BadRequestError, match="loss_fn 'gspo' is not supported"):
+        tc.forward_backward([datum([1, 2])], "gspo").result()
+    with pytest.raises(tinker.RequestFailedError, match=f"target token id 99 >= vocab {VOCAB}") as err:
+        tc.forward_backward([datum([1, 99])], "cross_entropy").result()
+    assert err.value.category == types.RequestErrorCategory.User
+    with pytest.raises(tinker.RequestFailedError, match=f"checkpoint tinker://{tc.model_id}/weights/dup exists"):
+        tc.save_state("dup").result()
+        tc.save_state("dup").result()
+    with pytest.raises(tinker.BadRequestError, match="checkpoint name 'a/b' must start"):
+        tc.save_state("a/b").result()

@@ -19,12 +19,13 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import hmac
 import logging
 import math
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -520,7 +521,8 @@ class TinkerFrontEnd:
             path = TinkerPath.of(model.model_id, "state", body.path or _default_name(model))
 
             async def work() -> Reply:
-                await self.backend.save_state(model.handle, path.store_name)
+                async with _naming(path):
+                    await self.backend.save_state(model.handle, path.store_name)
                 return encoding.JsonReply({"type": "save_weights", "path": str(path)})
 
             return work
@@ -539,7 +541,8 @@ class TinkerFrontEnd:
                 path = TinkerPath.of(model.model_id, "sampler", body.path)
 
                 async def save_named() -> Reply:
-                    await self.backend.save_sampler_weights(model.handle, path.store_name)
+                    async with _naming(path):
+                        await self.backend.save_sampler_weights(model.handle, path.store_name)
                     return encoding.JsonReply({"type": "save_weights_for_sampler", "path": str(path)})
 
                 return save_named
@@ -571,7 +574,8 @@ class TinkerFrontEnd:
             path = TinkerPath.of(model.model_id, "external", body.path)
 
             async def work() -> Reply:
-                await self.backend.save_external(model.handle, path.store_name)
+                async with _naming(path):
+                    await self.backend.save_external(model.handle, path.store_name)
                 return encoding.JsonReply({"type": "save_weights_external", "path": str(path)})
 
             return work
@@ -613,7 +617,8 @@ class TinkerFrontEnd:
             path = TinkerPath.parse(body.path)
 
             async def work() -> Reply:
-                await self.backend.load_state(model.handle, path.store_name, with_optimizer=body.optimizer)
+                async with _naming(path):
+                    await self.backend.load_state(model.handle, path.store_name, with_optimizer=body.optimizer)
                 return encoding.JsonReply({"type": "load_weights", "path": str(path), "model_id": model.model_id})
 
             return work
@@ -785,7 +790,9 @@ class TinkerFrontEnd:
     async def delete_checkpoint(self, request: Request) -> Response:
         """``DELETE training_runs/{id}/checkpoints/{checkpoint_id}``."""
         owner = self.owner(request)
-        await self.backend.delete_checkpoint(owner, self._run_path(request).store_name)
+        path = self._run_path(request)
+        async with _naming(path):
+            await self.backend.delete_checkpoint(owner, path.store_name)
         return JSONResponse({})
 
     async def external_weights_urls(self, request: Request) -> Response:
@@ -866,6 +873,17 @@ async def _failing_as_reply(work: Awaitable[Reply]) -> Reply:
     except Exception as exc:
         log.exception("tinker front end: request failed")
         raise _InternalError(f"internal server error ({type(exc).__name__}); see the server log") from exc
+
+
+@contextlib.asynccontextmanager
+async def _naming(path: TinkerPath) -> AsyncIterator[None]:
+    """Report a checkpoint by its Tinker path, not its store name."""
+    try:
+        yield
+    except backend.Conflict:
+        raise Conflict(f"checkpoint {path} exists") from None
+    except backend.NotFound:
+        raise NotFound(f"no checkpoint {path}") from None
 
 
 class _InternalError(Exception):
@@ -981,4 +999,3 @@ def _checkpoint_json(path: TinkerPath, info: backend.CheckpointInfo) -> dict[str
         "user_metadata": None,
         "expires_at": None,
     }
-
