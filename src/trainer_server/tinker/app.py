@@ -485,9 +485,11 @@ class TinkerFrontEnd:
                     "forward_backward_custom)"
                 )
 
+            data = call.data if call.loss.name == "cross_entropy" else _without_weights(call.data)
+
             async def work() -> Reply:
                 result = await self.backend.forward_backward(
-                    model.handle, call.data, call.loss, backward=not call.forward_only
+                    model.handle, data, call.loss, backward=not call.forward_only
                 )
                 return encoding.ForwardBackwardReply(result)
 
@@ -943,6 +945,11 @@ def _base_model(backend_: backend.TinkerBackend, name: str) -> backend.BaseModel
             return m
     served = sorted(m.name for m in backend_.base_models())
     raise NotFound(f"unknown base_model {name!r}; this server serves {served}")
+
+
+def _without_weights(data: list[backend.TrainDatum]) -> list[backend.TrainDatum]:
+    """Tinker's RL losses ignore ``weights``: drop them so the core's default (ones) applies."""
+    return [dataclasses.replace(d, inputs={k: v for k, v in d.inputs.items() if k != "weights"}) for d in data]
 
 
 def _model_spec(body: schema.CreateModelBody) -> backend.ModelSpec:
