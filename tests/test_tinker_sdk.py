@@ -241,6 +241,7 @@ def test_sdk_forward_backward_custom_matches_our_custom_loss(running: Running) -
         pairs = [(tokenizer.encode(p), tokenizer.encode(c)) for p, c in PAIRS]
         batch = [sft_datum(tokenizer, p, c) for p, c in PAIRS]
         mine = ours.create_training_client(LLAMA, lora_rank=4, seed=7)
+        our_batch = [trainer_client.Datum.from_tokens(p, c) for p, c in pairs]
 
         def tinker_loss(data: list[types.Datum], lps: list[torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
             w = [d.loss_fn_inputs["weights"].to_torch() for d in data]
