@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import zstandard
 
 tinker = pytest.importorskip("tinker")
@@ -28,6 +27,7 @@ from tinker import types  # noqa: E402
 from trainer_server._auth import owner_id  # noqa: E402
 from trainer_server.tinker import TinkerConfig, TinkerFrontEnd  # noqa: E402
 from trainer_server.tinker import backend as be  # noqa: E402
+from trainer_server.tinker.serving import TinkerHTTPServer  # noqa: E402
 from trainer_server.tinker.wire import tinker_wire_pb2 as wire  # noqa: E402
 
 KEY_A = "tml-key-a"
@@ -208,20 +208,18 @@ class Served:
     front: TinkerFrontEnd
 
 
-def serve(app_front: TinkerFrontEnd) -> Iterator[str]:
-    """Run the app on uvicorn, port 0, in a thread; yield its base URL."""
-    server = uvicorn.Server(uvicorn.Config(app_front.app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+def serve(front: TinkerFrontEnd) -> Iterator[str]:
+    """Run the app with TinkerHTTPServer (uvicorn, port 0) on an event loop in a thread; yield its URL."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
+    http = TinkerHTTPServer(front, "127.0.0.1", 0)
+    asyncio.run_coroutine_threadsafe(http.start(), loop).result(30)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{http.port}"
     finally:
-        server.should_exit = True
+        asyncio.run_coroutine_threadsafe(http.stop(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
 
 
