@@ -132,7 +132,7 @@ class FakeBackend:
     async def save_sampler_weights(self, model: be.ModelHandle, name: str | None) -> str:
         if name is None:
             name = f"ephemeral-{model.key}-{self.models[model.key].step}"
-        self._save(model, name, "sampler")
+        self._save(model, name, "state")
         return name
 
     async def load_state(self, model: be.ModelHandle, checkpoint: str, *, with_optimizer: bool) -> None:

@@ -995,7 +995,7 @@ def _sample_spec(body: schema.SampleBody, prompt_len: int) -> backend.SampleSpec
 
 
 def _checkpoint_json(path: TinkerPath, info: backend.CheckpointInfo) -> dict[str, Any]:
-    kind = {"state": "training", "sampler": "sampler", "external": "external"}[info.kind]
+    kind = {"state": "training", "sampler": "sampler", "external": "external"}[path.kind]
     return {
         "checkpoint_id": path.checkpoint_id,
         "checkpoint_type": kind,

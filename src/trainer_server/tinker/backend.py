@@ -320,8 +320,9 @@ class CheckpointInfo:
 
     Attributes:
         name: Its name in the owner's store.
-        kind: ``state`` (weights + optimizer, resumable), ``sampler`` (weights for
-            sampling) or ``external`` (Hugging Face layout for download).
+        kind: What the backend stored: ``state`` (weights + optimizer, resumable;
+            also what sampler weights may be stored as) or ``external`` (Hugging Face
+            layout). Tinker's checkpoint type comes from the ``tinker://`` name instead.
         created_unix_s: When it was committed.
         size_bytes: Total size of its files.
         base_model: The base model it was trained from.
@@ -329,7 +330,7 @@ class CheckpointInfo:
     """
 
     name: str
-    kind: Literal["state", "sampler", "external"]
+    kind: Literal["state", "external"]
     created_unix_s: float
     size_bytes: int
     base_model: str
