@@ -591,11 +591,11 @@ class Service:
 
     def state(self, tc: AsyncTrainingClient) -> Any:
         """The server-side ``SessionModel`` of a training client."""
-        return self.server.runtime.sessions.get(tc.session_id).state
+        return self.server.core.sessions.get(tc.session_id).state
 
     def base(self, name: str) -> Any:
         """A loaded ``BaseModel``."""
-        return self.server.runtime.models[name]
+        return self.server.core.models[name]
 
     def vocab(self, name: str) -> int:
         """Vocabulary size of a served model."""
@@ -656,7 +656,7 @@ async def bench_custom(args: argparse.Namespace, svc: Service, spec: ModelSpec, 
         "recompute (public SDKs)": lambda tc: recompute_step(tc, data),
     }
     sessions = {m: await svc.session(spec.name) for m in modes}
-    meter = DeviceMeter(svc.server.runtime)
+    meter = DeviceMeter(svc.server.core)
     times: dict[str, list[float]] = {m: [] for m in modes}
     device: dict[str, list[float]] = {m: [] for m in modes}
     try:
@@ -709,9 +709,10 @@ async def bench_overhead(args: argparse.Namespace, svc: Service, specs: Sequence
     from trainer_server._batch import parse_datums
     from trainer_server._engine import AdamSettings, SessionModel
     from trainer_server._losses import cross_entropy
+    from trainer_server.core.types import LoraSpec, RawDatum
 
     loop = asyncio.get_running_loop()
-    device_thread = svc.server.runtime._executor  # the thread (and torch/OpenMP threads) the service uses
+    device_thread = svc.server.core._executor  # the thread (and torch/OpenMP threads) the service uses
     rows = []
     for i, spec in enumerate(specs):
         big = i == len(specs) - 1
@@ -722,9 +723,10 @@ async def bench_overhead(args: argparse.Namespace, svc: Service, specs: Sequence
         base = svc.base(spec.name)
         data = make_data(n, length, base.vocab_size)
         tc = await svc.session(spec.name)
-        state = SessionModel(base, pb.LoraConfig(rank=LORA_RANK), 0)  # what the server builds for tc
-        batch = parse_datums([d.to_proto() for d in data], base, svc.server.runtime.config.limits)
-        settings = AdamSettings(ADAM.to_proto())
+        state = SessionModel(base, LoraSpec(rank=LORA_RANK), 0)  # what the server builds for tc
+        raw = [RawDatum(d.model_input, dict(d.loss_fn_inputs)) for d in data]
+        batch = parse_datums(raw, base, svc.server.core.config.limits)
+        settings = AdamSettings({f.name: v for f, v in ADAM.to_proto().ListFields()})
 
         def in_process(state: Any = state, batch: Any = batch, settings: Any = settings) -> None:
             logprobs = state.logprobs(batch, grad=True)
@@ -746,7 +748,7 @@ async def bench_overhead(args: argparse.Namespace, svc: Service, specs: Sequence
             await step("in")
             await step("svc")
         times: dict[str, list[float]] = {"in": [], "svc": []}
-        meter = DeviceMeter(svc.server.runtime)
+        meter = DeviceMeter(svc.server.core)
         svc_device: list[float] = []
         try:
             for rep in range(reps):
@@ -869,7 +871,7 @@ async def bench_pipeline(args: argparse.Namespace, svc: Service, specs: Sequence
         data = make_data(n, length, svc.vocab(spec.name))
         tc = await svc.session(spec.name)
         await run_steps(tc, data, 2, pipelined=False)  # warm-up
-        meter = DeviceMeter(svc.server.runtime)
+        meter = DeviceMeter(svc.server.core)
         results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
         try:
             for r in range(rounds):
@@ -905,7 +907,7 @@ async def bench_pipeline(args: argparse.Namespace, svc: Service, specs: Sequence
         "4. Pipelining: server busy fraction",
         table(["model, batch", "submission", "wall per step (median)", "server busy"], rows),
         "Busy = time inside `Runtime.on_device` (all model work: forward, loss, backward, AdamW) / wall time, "
-        "measured by wrapping `server.runtime.on_device`. Each step = forward_backward (cross_entropy) + "
+        "measured by wrapping `server.core.on_device`. Each step = forward_backward (cross_entropy) + "
         "optim_step, LoRA r16. The remainder is gRPC, datum encode/decode and sequencing on the event loop, "
         "which shares the 2 cores with torch in this embedded setup.",
     )
@@ -916,13 +918,15 @@ async def bench_pipeline(args: argparse.Namespace, svc: Service, specs: Sequence
 
 async def bench_overlap(args: argparse.Namespace, svc: Service, spec: ModelSpec, report: Report) -> None:
     from trainer_server._batch import parse_datums
+    from trainer_server.core.types import RawDatum
 
     n, length = (4, 32) if args.quick else (8, 128)
     window, windows = (2, 1) if args.quick else (4, 2)
     data = make_data(n, length, svc.vocab(spec.name))
     tc = await svc.session(spec.name)
     state = svc.state(tc)
-    batch = parse_datums([d.to_proto() for d in data], svc.base(spec.name), svc.server.runtime.config.limits)
+    raw = [RawDatum(d.model_input, dict(d.loss_fn_inputs)) for d in data]
+    batch = parse_datums(raw, svc.base(spec.name), svc.server.core.config.limits)
 
     def forward_time() -> float:
         started = time.perf_counter()
@@ -930,7 +934,7 @@ async def bench_overlap(args: argparse.Namespace, svc: Service, spec: ModelSpec,
         return time.perf_counter() - started
 
     await run_steps(tc, data, 1, pipelined=False)  # warm-up
-    t_fwd = med([await svc.server.runtime.on_device(forward_time) for _ in range(3)])
+    t_fwd = med([await svc.server.core.on_device(forward_time) for _ in range(3)])
 
     def slow_loss(d: list[Datum], lp: list[torch.Tensor]) -> tuple[torch.Tensor, Mapping[str, float]]:
         time.sleep(t_fwd)
@@ -956,7 +960,7 @@ async def bench_overlap(args: argparse.Namespace, svc: Service, spec: ModelSpec,
         "submitted": "custom loss (sleep = forward time), window submitted at once",
         "builtin": "built-in loss, window submitted at once (no client loss: the floor)",
     }
-    meter = DeviceMeter(svc.server.runtime)
+    meter = DeviceMeter(svc.server.core)
     results: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     try:
         for w in range(windows):

@@ -18,7 +18,7 @@ import torch
 
 from trainer_client import AsyncServiceClient, AsyncTrainingClient
 from trainer_server import Limits, ServerConfig, TrainerServer, build_tiny_model
-from trainer_server._sessions import Session
+from trainer_server.core.sessions import Session
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -62,8 +62,8 @@ async def service(server: TrainerServer) -> AsyncIterator[AsyncServiceClient]:
 
 def server_session(server: TrainerServer, tc: AsyncTrainingClient) -> Session:
     """The server-side session behind a training client (for white-box checks)."""
-    assert server.runtime is not None
-    return server.runtime.sessions.get(tc.session_id)
+    assert server.core is not None
+    return server.core.sessions.get(tc.session_id)
 
 
 def state_hash(session: Session) -> str:

@@ -104,8 +104,8 @@ async def collected_graphs(server: TrainerServer, *, timeout_s: float = 10.0) ->
     of a second with torch and transformers loaded, so it runs only after a second of
     polling, for graphs that a reference cycle keeps alive.
     """
-    assert server.servicer is not None
-    held = server.servicer.held_graphs
+    assert server.core is not None
+    held = server.core.held_graphs
     loop = asyncio.get_running_loop()
     start = loop.time()
     while len(held) and loop.time() - start < timeout_s:
@@ -551,7 +551,7 @@ GRAD_CASES: dict[str, tuple[Callable[[int], list[pb.ForwardBackwardCustomRequest
 async def test_malformed_gradient_stream(
     server: TrainerServer, service: AsyncServiceClient, trained: AsyncTrainingClient, stub: Any
 ) -> None:
-    assert server.servicer is not None
+    assert server.core is not None
     session = server_session(server, trained)
 
     async def check(case: str) -> None:
@@ -560,7 +560,7 @@ async def test_malformed_gradient_stream(
         call, logprobs = await _open_custom(stub, trained, [raw_datum(8), raw_datum(5, start=30)])
         n = len(logprobs)
         assert n == 13
-        assert len(server.servicer.held_graphs) == 1  # type: ignore[union-attr]  # held while the gradient is awaited
+        assert len(server.core.held_graphs) == 1  # type: ignore[union-attr]  # held while the gradient is awaited
         await send(call, *make_msgs(n))
         code, details = await status_of(call)
         assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
@@ -751,9 +751,9 @@ BAD_SESSION_SETTINGS: dict[str, tuple[dict[str, Any], str]] = {
 async def test_bad_create_session(
     server: TrainerServer, service: AsyncServiceClient, trained: AsyncTrainingClient, stub: Any
 ) -> None:
-    assert server.runtime is not None
+    assert server.core is not None
     before = state_hash(server_session(server, trained))
-    sessions = len(server.runtime.sessions)
+    sessions = len(server.core.sessions)
 
     with pytest.raises(NotFoundError) as ei:
         await service.create_training_client("gpt-17", lora_rank=None)
@@ -778,7 +778,7 @@ async def test_bad_create_session(
         assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert phrase in (raw.value.details() or "")
 
-    assert len(server.runtime.sessions) == sessions, "a refused CreateSession left a session behind"
+    assert len(server.core.sessions) == sessions, "a refused CreateSession left a session behind"
     await assert_still_serves(server, service, trained, before)
 
 

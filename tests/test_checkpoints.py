@@ -172,8 +172,8 @@ async def train(tc: AsyncTrainingClient, batches: list[list[Datum]]) -> None:
 
 
 def session_model(server: TrainerServer, tc: AsyncTrainingClient) -> Any:
-    assert server.runtime is not None
-    return server.runtime.sessions.get(tc.session_id).state.model
+    assert server.core is not None
+    return server.core.sessions.get(tc.session_id).state.model
 
 
 # ---- BASE --------------------------------------------------------------------------------
@@ -216,14 +216,14 @@ async def test_base_of_lora_session_is_merged_and_leaves_shared_base_untouched(
 
     root = tmp_path / "ckpt"
     async with ckpt_server(llama_dir, qwen_dir, root) as (server, service):
-        assert server.runtime is not None
+        assert server.core is not None
         batches = make_batches(await vocab_size(service), 3)
         a = await service.create_training_client(LLAMA, lora_rank=LORA_RANK, seed=1)
         b = await service.create_training_client(LLAMA, lora_rank=LORA_RANK, seed=2)
         await train(a, batches[:2])
         await train(b, batches[:1])
 
-        shared = {k: v.detach().clone() for k, v in server.runtime.models[LLAMA].model.state_dict().items()}
+        shared = {k: v.detach().clone() for k, v in server.core.models[LLAMA].model.state_dict().items()}
         b_model = session_model(server, b)
         b_frozen = {n: p.detach().clone() for n, p in b_model.named_parameters() if not p.requires_grad}
         b_before = (await b.forward(batches[2])).logprobs
@@ -235,7 +235,7 @@ async def test_base_of_lora_session_is_merged_and_leaves_shared_base_untouched(
 
         # Saving merged nothing in place: the shared base, the other session and this one are unchanged.
         assert_bitwise(
-            {k: v.detach() for k, v in server.runtime.models[LLAMA].model.state_dict().items()},
+            {k: v.detach() for k, v in server.core.models[LLAMA].model.state_dict().items()},
             shared,
             "shared base model after a merged save",
         )

@@ -92,8 +92,8 @@ async def test_custom_call_cancelled_during_its_backward_is_applied_once(
     future = tc.forward_backward_custom(data(), loss)
     session = server_session(server, tc)
     # Cancel once the backward has begun: the gradient is on the server, the backward is sleeping.
-    assert server.servicer is not None
-    held = server.servicer.held_graphs
+    assert server.core is not None
+    held = server.core.held_graphs
     await until(lambda: len(held) == 1)  # the forward is held while the client computes its loss
     await until(lambda: len(held) == 0)  # the backward took it
     await asyncio.sleep(SLOW_S / 3)
@@ -164,7 +164,7 @@ async def test_checkpoint_files_are_written_from_a_snapshot_while_training_goes_
     step = await saver.optim_step(AdamParams(learning_rate=1e-2))  # changes the weights while or after writing
     info = await save
     assert info.step == 1 and step.step == 2
-    saved = load_file(str(server.runtime.checkpoint_store("").path(name) / "trainable.safetensors"))
+    saved = load_file(str(server.core.checkpoint_store("").path(name) / "trainable.safetensors"))
     assert saved.keys() == before.keys()
     for n, p in session.state.model.named_parameters():
         if p.requires_grad:

@@ -7,7 +7,7 @@ the contract is: no gradient is accumulated, the held graph is released (no memo
 the call's sequence number is used up so the session's next call runs at once, and the
 next optimizer step applies exactly what the good calls accumulated.
 
-Memory is measured as ``len(server.servicer.held_graphs)`` (a WeakSet of logprob tensors
+Memory is measured as ``len(server.core.held_graphs)`` (a WeakSet of logprob tensors
 whose autograd graph is alive), not RSS.
 """
 
@@ -30,7 +30,7 @@ from conftest import LLAMA, QWEN, server_session, state_hash
 from trainer_client import AdamParams, AsyncServiceClient, AsyncTrainingClient, Datum, LossFunctionError
 from trainer_proto import pb, pb_grpc, wire
 from trainer_server import TrainerServer
-from trainer_server._sessions import Session
+from trainer_server.core.sessions import Session
 
 TIMEOUT_S = 30.0
 ADAM = AdamParams(learning_rate=1e-2)
@@ -71,8 +71,8 @@ async def read_logprobs(call: Any) -> torch.Tensor:
 
 
 def held(server: TrainerServer) -> int:
-    assert server.servicer is not None
-    return len(server.servicer.held_graphs)
+    assert server.core is not None
+    return len(server.core.held_graphs)
 
 
 async def collected_graphs(server: TrainerServer, *, timeout_s: float = 10.0) -> int:

@@ -57,7 +57,7 @@ from trainer_client import (
 )
 from trainer_proto import options, pb
 from trainer_server import TrainerServer
-from trainer_server._sessions import Session
+from trainer_server.core.sessions import Session
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 ADAM = AdamParams(learning_rate=1e-2)
@@ -300,8 +300,8 @@ def custom_loss(scale: float) -> Callable[[list[Datum], list[torch.Tensor]], tup
 
 
 def held(server: TrainerServer) -> int:
-    assert server.servicer is not None
-    return len(server.servicer.held_graphs)
+    assert server.core is not None
+    return len(server.core.held_graphs)
 
 
 def in_flight(session: Session) -> int:
@@ -363,7 +363,7 @@ RSS_TOLERANCE_MIB = 32.0
 async def test_clients_killed_at_random_points(
     server: TrainerServer, service: AsyncServiceClient, tmp_path: Path
 ) -> None:
-    assert server.runtime is not None
+    assert server.core is not None
     t0 = time.monotonic()
     rng = random.Random(20260611)
     zygote = await Zygote.start(tmp_path)  # imports torch meanwhile
@@ -375,7 +375,7 @@ async def test_clients_killed_at_random_points(
         await warm.optim_step(ADAM)
         await warm.close()
         await zygote.expect("zygote", "READY")
-        base_sessions, base_held, base_rss = len(server.runtime.sessions), held(server), rss_mib()
+        base_sessions, base_held, base_rss = len(server.core.sessions), held(server), rss_mib()
         assert base_held == 0
 
         # The victims share one session; the reference replays what the server applied of theirs.
@@ -459,7 +459,7 @@ async def test_clients_killed_at_random_points(
         for tc in (attach(service, session), ref, other):
             await tc.close()
         await until(lambda: held(server) == 0, "every held graph is released")
-        after_sessions, after_rss = len(server.runtime.sessions), rss_mib()
+        after_sessions, after_rss = len(server.core.sessions), rss_mib()
     finally:
         await zygote.close()
 

@@ -119,25 +119,25 @@ class Harness:
 
     async def ensure_session(self) -> None:
         """Keep one open LoRA session to aim at; close the sessions fuzzed CreateSessions left behind."""
-        assert self.server is not None and self.server.runtime is not None
-        sessions = self.server.runtime.sessions
+        assert self.server is not None and self.server.core is not None
+        sessions = self.server.core.sessions
         for s in sessions.all():
             if s.id != self.session_id and len(sessions) > 4:
-                await self.server.runtime.close_session(s)
+                await self.server.core.close(s)
         live = [s for s in sessions.all() if s.id == self.session_id]
         if live and live[0].next_seq < 2**32:
             return
         if live:  # a fuzzed huge sequence number used the session's numbers up; start a fresh one
-            await self.server.runtime.close_session(live[0])
+            await self.server.core.close(live[0])
         resp = await self.stub.CreateSession(
             pb.CreateSessionRequest(base_model=LLAMA, lora=pb.LoraConfig(rank=2), seed=3), timeout=CALL_TIMEOUT_S
         )
         self.session_id = resp.session_id
 
     def next_seq(self) -> int:
-        assert self.server is not None and self.server.runtime is not None
+        assert self.server is not None and self.server.core is not None
         try:
-            return self.server.runtime.sessions.get(self.session_id).next_seq
+            return self.server.core.sessions.get(self.session_id).next_seq
         except Exception:
             return 1
 
@@ -513,8 +513,8 @@ def test_server_survives_fuzzing(harness: Harness) -> None:
 
     async def check() -> None:
         server = harness.server
-        assert server is not None and server.servicer is not None
-        held = server.servicer.held_graphs
+        assert server is not None and server.core is not None
+        held = server.core.held_graphs
         deadline = time.monotonic() + 10
         while len(held) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

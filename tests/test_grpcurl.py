@@ -29,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from trainer_client import AsyncServiceClient, Datum
 from trainer_proto import pb
 from trainer_server import SERVICE_NAME, ServiceError, TrainerServer
-from trainer_server._runtime import Runtime
+from trainer_server.core.errors import ErrorCode
+from trainer_server.core.service import TrainingCore
 
 
 def _find_grpcurl() -> Path | None:
@@ -150,14 +151,14 @@ async def test_create_session_and_close_it_via_json(server: TrainerServer) -> No
     assert session_id
     assert field(created, "base_model") == LLAMA
     assert 0 < int(field(created, "trainable_parameters")) < int(field(created, "total_parameters"))
-    assert server.runtime is not None
-    assert server.runtime.sessions.get(session_id) is not None
+    assert server.core is not None
+    assert server.core.sessions.get(session_id) is not None
 
     seq = int(created.get("next_seq", created.get("nextSeq", 1)))
     await call_json(server, "trainer.v1.TrainerService/CloseSession", {"call": {"session_id": session_id, "seq": seq}})
     with pytest.raises(ServiceError) as info:
-        server.runtime.sessions.get(session_id)
-    assert info.value.code == grpc.StatusCode.NOT_FOUND
+        server.core.sessions.get(session_id)
+    assert info.value.code == ErrorCode.NOT_FOUND
 
 
 async def test_unknown_model_prints_not_found(server: TrainerServer) -> None:
@@ -255,13 +256,13 @@ async def test_health_not_serving_while_models_load(
     llama_dir: Path, qwen_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = asyncio.Event()
-    original: Callable[[Runtime], Any] = Runtime.load_models
+    original: Callable[[TrainingCore], Any] = TrainingCore.load_models
 
-    async def slow_load(self: Runtime) -> None:
+    async def slow_load(self: TrainingCore) -> None:
         await release.wait()
         await original(self)
 
-    monkeypatch.setattr(Runtime, "load_models", slow_load)
+    monkeypatch.setattr(TrainingCore, "load_models", slow_load)
     server = TrainerServer(make_config(llama_dir, qwen_dir))
     starting = asyncio.create_task(server.start())
     try:

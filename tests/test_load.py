@@ -105,8 +105,8 @@ async def test_sixteen_clients_under_load(server: TrainerServer) -> None:
         assert growth <= tolerance, f"RSS grew {growth / mb:.1f} MB between the first and last third"
 
         # nothing left behind: no held graphs, no numbers in flight
-        assert server.servicer is not None
-        held = server.servicer.held_graphs
+        assert server.core is not None
+        held = server.core.held_graphs
         deadline = time.monotonic() + 10
         while len(held) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -353,8 +353,8 @@ async def test_lora_steps_match_and_base_untouched(
         base_keys.add(orig_key)
     assert base_keys == set(original)
     # The shared base model itself is untouched too.
-    assert server.runtime is not None
-    shared = server.runtime.models[name].model.state_dict()
+    assert server.core is not None
+    shared = server.core.models[name].model.state_dict()
     assert all(torch.equal(shared[k], original[k]) for k in original)
     # Every adapter tensor moved (lora_A gets gradient from step 2 on, lora_B from step 1).
     fresh = load_reference(path, LORA_RANK).state_dict()

@@ -24,7 +24,7 @@ from conftest import LLAMA, make_config, server_session, state_hash
 from trainer_client import AdamParams, AsyncServiceClient, AsyncTrainingClient, Datum
 from trainer_proto import pb, pb_grpc
 from trainer_server import TrainerServer
-from trainer_server._sessions import Session
+from trainer_server.core.sessions import Session
 
 ADAM = AdamParams(learning_rate=1e-2, weight_decay=0.01, grad_clip_norm=1.0)
 SEED = 7

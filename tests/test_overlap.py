@@ -42,8 +42,8 @@ def loss(data: Sequence[Datum], logprobs: list[torch.Tensor]) -> tuple[torch.Ten
 
 
 def held_count(server: TrainerServer) -> int:
-    assert server.servicer is not None
-    return len(server.servicer.held_graphs)
+    assert server.core is not None
+    return len(server.core.held_graphs)
 
 
 async def test_next_forward_runs_during_the_client_loss_and_gradients_match(
@@ -137,8 +137,8 @@ async def test_next_calls_device_work_is_queued_while_the_previous_runs(
     """The device thread never waits for the event loop between a session's pipelined calls."""
     from trainer_server._engine import SessionModel
 
-    assert server.runtime is not None
-    queue = server.runtime._executor._work_queue  # type: ignore[attr-defined]
+    assert server.core is not None
+    queue = server.core._executor._work_queue  # type: ignore[attr-defined]
     seen: list[int] = []
     original = SessionModel.backward
 

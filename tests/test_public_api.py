@@ -23,7 +23,7 @@ PACKAGES = [trainer_client, trainer_server, trainer_proto]
 # Private modules whose public classes are the user's API and so must be exported.
 USER_FACING_MODULES = {
     trainer_client: ["_errors", "_types", "_futures", "_async_client", "_sync_client", "_config"],
-    trainer_server: ["_config", "_server", "_errors"],
+    trainer_server: ["_config", "_server", "core.errors", "core.types"],
 }
 
 HEAVY_SERVER_PACKAGES = ("transformers", "peft", "accelerate")

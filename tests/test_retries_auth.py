@@ -33,7 +33,7 @@ from trainer_client import (
 )
 from trainer_proto import pb, pb_grpc
 from trainer_server import Limits, TrainerServer
-from trainer_server._servicer import TrainerServicer
+from trainer_server.frontends.grpc_servicer import TrainerServicer
 
 KEYS = frozenset({"key-alice", "key-bob"})
 
@@ -107,9 +107,9 @@ async def test_dropped_optim_step_response_is_applied_once(
 
 
 async def check_same_step(server: TrainerServer, faulty: str, clean: str, step: Any, reference: Any) -> None:
-    assert server.runtime is not None
-    a = server.runtime.sessions.get(faulty)
-    b = server.runtime.sessions.get(clean)
+    assert server.core is not None
+    a = server.core.sessions.get(faulty)
+    b = server.core.sessions.get(clean)
     assert step.step == reference.step == 1 and step.grad_norm == reference.grad_norm
     assert a.state.step == 1
     sa, sb = a.state.model.state_dict(), b.state.model.state_dict()
@@ -268,9 +268,9 @@ async def test_inflight_limit_per_session(auth_server: TrainerServer) -> None:
 
 
 def server_session_for(server: TrainerServer, session_id: str) -> Any:
-    assert server.runtime is not None
-    owner = next(iter({s.owner for s in server.runtime.sessions.all() if s.id == session_id}))
-    return server.runtime.sessions.get(session_id, owner)
+    assert server.core is not None
+    owner = next(iter({s.owner for s in server.core.sessions.all() if s.id == session_id}))
+    return server.core.sessions.get(session_id, owner)
 
 
 # ---- TLS --------------------------------------------------------------------------------------

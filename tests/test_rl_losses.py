@@ -83,15 +83,13 @@ def token_objective(name: str, cfg: dict[str, float], lp: torch.Tensor, sampled:
 
 
 def reference_loss(name: str, cfg: dict[str, float], data: list[Datum], logprobs: list[torch.Tensor]) -> torch.Tensor:
-    """``-sum over tokens of weight * objective`` (a token sum, as Tinker's losses are)."""
+    """``-sum over every token of objective``: a token sum that ignores ``weights``, as Tinker's RL losses do."""
     total = torch.zeros(())
     for d, lp in zip(data, logprobs, strict=True):
         sampled = d.loss_fn_inputs["logprobs"].tolist()
         advantages = d.loss_fn_inputs["advantages"].tolist()
-        weights = d.weights.tolist()
         for i in range(len(lp)):
-            if weights[i] != 0:
-                total = total - weights[i] * token_objective(name, cfg, lp[i], sampled[i], advantages[i])
+            total = total - token_objective(name, cfg, lp[i], sampled[i], advantages[i])
     return total
 
 
@@ -102,8 +100,9 @@ def rl_batch(model: torch.nn.Module, gen: torch.Generator, vocab: int) -> list[D
     """Four datums: random prompts and completions, sampler logprobs = model's + noise.
 
     Prompt targets have weight 0, sampler logprob 0 and advantage 0, as an RL loop builds
-    them; completion targets have random weights in [0.5, 1.5] and random advantages of both
-    signs. The last datum has no ``weights`` (the server's default: all ones).
+    them; completion targets have random weights in [0.5, 1.5] (which the RL losses must
+    ignore, as Tinker's do) and random advantages of both signs. The last datum has no
+    ``weights``.
     """
     data = []
     for i in range(4):
@@ -124,12 +123,12 @@ def rl_batch(model: torch.nn.Module, gen: torch.Generator, vocab: int) -> list[D
 
 
 def clip_regions(data: list[Datum], logprobs: list[torch.Tensor], low: float, high: float) -> dict[str, int]:
-    """How many weighted tokens fall in each (ratio region, advantage sign) cell."""
+    """How many tokens with an advantage fall in each (ratio region, advantage sign) cell."""
     counts = {"above+": 0, "above-": 0, "below+": 0, "below-": 0, "inside": 0}
     for d, lp in zip(data, logprobs, strict=True):
         ratio = torch.exp(lp.detach() - d.loss_fn_inputs["logprobs"])
         adv = d.loss_fn_inputs["advantages"]
-        live = d.weights != 0
+        live = adv != 0
         for r, a, keep in zip(ratio.tolist(), adv.tolist(), live.tolist(), strict=True):
             if not keep:
                 continue

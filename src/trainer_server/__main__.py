@@ -22,11 +22,11 @@ import os
 import signal
 from pathlib import Path
 
-from trainer_server._auth import load_api_keys
 from trainer_server._cluster import Cluster, ClusterFailure, init_cluster
 from trainer_server._config import Limits, ServerConfig
-from trainer_server._errors import ServiceError
 from trainer_server._server import TrainerServer, run_worker
+from trainer_server.core.errors import ServiceError
+from trainer_server.frontends.grpc_auth import load_api_keys
 
 __all__ = ["main", "parse_args"]
 

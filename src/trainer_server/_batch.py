@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer_proto import pb, wire
 from trainer_server._config import Limits
-from trainer_server._errors import invalid_argument, resource_exhausted
 from trainer_server._models import BaseModel
+from trainer_server.core.errors import invalid_argument, resource_exhausted
+from trainer_server.core.types import RawDatum
 
 __all__ = ["Batch", "parse_datums", "shard_bounds"]
 
@@ -95,13 +95,6 @@ def shard_bounds(lengths: Sequence[int], parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def _decode(msg: pb.TensorData, field: str, max_bytes: int) -> torch.Tensor:
-    try:
-        return wire.tensor_from_wire(msg, field, max_bytes=max_bytes)
-    except wire.WireError as exc:
-        raise invalid_argument(str(exc)) from None
-
-
 def _check_ids(ids: torch.Tensor, field: str, vocab_size: int) -> torch.Tensor:
     if ids.dtype not in _INT_DTYPES:
         raise invalid_argument(f"{field} must be int64 or int32, got {ids.dtype}")
@@ -114,8 +107,8 @@ def _check_ids(ids: torch.Tensor, field: str, vocab_size: int) -> torch.Tensor:
     return ids.to(torch.int64)
 
 
-def parse_datums(datums: Sequence[pb.Datum], base: BaseModel, limits: Limits) -> Batch:
-    """Decode and validate a call's datums.
+def parse_datums(datums: Sequence[RawDatum], base: BaseModel, limits: Limits) -> Batch:
+    """Validate a call's datums against the model and the limits.
 
     Raises:
         ServiceError: INVALID_ARGUMENT for malformed datums, RESOURCE_EXHAUSTED over a limit.
@@ -126,18 +119,15 @@ def parse_datums(datums: Sequence[pb.Datum], base: BaseModel, limits: Limits) ->
         raise resource_exhausted(
             f"{len(datums)} datums in one call is over the limit max_datums_per_call={limits.max_datums_per_call}"
         )
-    total = sum(len(d.model_input.shape) and int(d.model_input.shape[0]) for d in datums)
+    total = sum(d.model_input.numel() for d in datums)
     if total > limits.max_tokens_per_call:
         raise resource_exhausted(
             f"{total} tokens in one call is over the limit max_tokens_per_call={limits.max_tokens_per_call}"
         )
-    max_bytes = limits.max_message_bytes
     tokens, targets, weights, extras = [], [], [], []
     for i, d in enumerate(datums):
         where = f"datum {i}"
-        if not d.HasField("model_input"):
-            raise invalid_argument(f"{where}: model_input is missing")
-        ids = _decode(d.model_input, f"{where}: model_input", max_bytes)
+        ids = d.model_input
         if ids.dim() != 1 or len(ids) == 0:
             raise invalid_argument(f"{where}: model_input must be a non-empty 1-D tensor, got shape {list(ids.shape)}")
         n = len(ids)
@@ -146,9 +136,7 @@ def parse_datums(datums: Sequence[pb.Datum], base: BaseModel, limits: Limits) ->
                 f"{where}: sequence of {n} tokens is longer than the model's maximum of {base.max_sequence_length}"
             )
         ids = _check_ids(ids, f"{where}: model_input", base.vocab_size)
-        inputs = {
-            name: _decode(t, f"{where}: loss_fn_inputs[{name!r}]", max_bytes) for name, t in d.loss_fn_inputs.items()
-        }
+        inputs = dict(d.loss_fn_inputs)
         for name, t in inputs.items():
             if t.shape != (n,):
                 raise invalid_argument(

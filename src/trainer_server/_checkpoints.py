@@ -37,11 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-
 from trainer_ckpt.delta import fsync_dir
 from trainer_proto.checksums import sha256_file
-from trainer_server._errors import ServiceError, invalid_argument, not_found
+from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found
 
 __all__ = [
     "MANIFEST",
@@ -185,9 +183,7 @@ class CheckpointStore:
         try:
             return Manifest.from_json(path.read_text())
         except (ValueError, TypeError, KeyError) as exc:
-            raise ServiceError(
-                grpc.StatusCode.DATA_LOSS, f"checkpoint {name!r} has a corrupt manifest: {exc}"
-            ) from None
+            raise ServiceError(ErrorCode.DATA_LOSS, f"checkpoint {name!r} has a corrupt manifest: {exc}") from None
 
     def all(self) -> list[Manifest]:
         """Committed checkpoints, oldest first."""
@@ -212,9 +208,7 @@ class CheckpointStore:
         for f in manifest.files:
             p = d / f.path
             if not p.is_file() or p.stat().st_size != f.size or sha256_file(p) != f.sha256:
-                raise ServiceError(
-                    grpc.StatusCode.DATA_LOSS, f"checkpoint {name!r}: file {f.path} is missing or corrupt"
-                )
+                raise ServiceError(ErrorCode.DATA_LOSS, f"checkpoint {name!r}: file {f.path} is missing or corrupt")
         return manifest
 
     def delete(self, name: str) -> None:
@@ -235,7 +229,7 @@ class CheckpointStore:
             ServiceError: ALREADY_EXISTS when the name is taken.
         """
         if self.exists(name):
-            raise ServiceError(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {name!r} already exists; delete it first")
+            raise ServiceError(ErrorCode.ALREADY_EXISTS, f"checkpoint {name!r} already exists; delete it first")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=self.root))
         try:
             yield tmp
@@ -264,7 +258,7 @@ class CheckpointStore:
         final = self.path(manifest.name)
         if final.exists():
             raise ServiceError(
-                grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {manifest.name!r} already exists; delete it first"
+                ErrorCode.ALREADY_EXISTS, f"checkpoint {manifest.name!r} already exists; delete it first"
             )
         os.rename(tmp, final)
         fsync_dir(self.root)

@@ -3,7 +3,7 @@
 Under ``accelerate launch`` (or ``torchrun``) every process runs ``trainer-server``;
 :func:`init_cluster` joins the process group through accelerate's ``PartialState``, on
 NCCL for GPUs or gloo on CPU, with a long timeout so idle ranks do not give up waiting for
-work. Rank 0 serves gRPC; the others run :func:`trainer_server._ops.serve_worker`.
+work. Rank 0 serves gRPC; the others run :func:`trainer_server.core.ops.serve_worker`.
 
 Python objects (operations, batches, per-rank results) travel over a gloo group, which
 works beside NCCL and supports ``gather_object``; parameter gradients are summed with

@@ -13,27 +13,39 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-import grpc
 import torch
 
-from trainer_proto import pb
 from trainer_server._batch import Batch
-from trainer_server._errors import ServiceError, invalid_argument
 from trainer_server._fsdp import FsdpPlan, full, shard
 from trainer_server._models import BaseModel
+from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument
+from trainer_server.core.types import LoraSpec
 
 __all__ = ["AdamSettings", "SessionModel", "default_lora_targets"]
 
+_ADAM_FIELDS = frozenset({"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"})
+
 
 class AdamSettings:
-    """AdamW hyperparameters decoded from the wire, with defaults and range checks."""
+    """AdamW hyperparameters with defaults and range checks.
 
-    def __init__(self, msg: pb.AdamParams) -> None:
+    Args:
+        values: the hyperparameters a caller set, by their wire names (``learning_rate``,
+            ``beta1``, ``beta2``, ``eps``, ``weight_decay``, ``grad_clip_norm``); the rest
+            take their defaults.
+    """
+
+    def __init__(self, values: Mapping[str, float] | None = None) -> None:
+        given = dict(values or {})
+        unknown = sorted(set(given) - _ADAM_FIELDS)
+        if unknown:
+            raise invalid_argument(f"adam_params has no field(s) {unknown}; known: {sorted(_ADAM_FIELDS)}")
+
         def get(name: str, default: float) -> float:
-            return float(getattr(msg, name)) if msg.HasField(name) else default  # type: ignore[arg-type]
+            return float(given.get(name, default))
 
         self.lr = get("learning_rate", 1e-4)
         self.beta1 = get("beta1", 0.9)
@@ -100,7 +112,7 @@ class SessionModel:
     def __init__(
         self,
         base: BaseModel,
-        lora: pb.LoraConfig | None,
+        lora: LoraSpec | None,
         seed: int,
         *,
         fsdp: FsdpPlan | None = None,
@@ -221,7 +233,7 @@ class SessionModel:
         norm = float(full(total))  # sharded gradients: the norm is gathered (every rank asks)
         if not math.isfinite(norm):
             raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION, f"gradient norm is {norm}; the optimizer step was not applied"
+                ErrorCode.FAILED_PRECONDITION, f"gradient norm is {norm}; the optimizer step was not applied"
             )
         if self.optimizer is None:
             self.optimizer = torch.optim.AdamW(self.params, lr=settings.lr)

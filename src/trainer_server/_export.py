@@ -32,11 +32,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from trainer_proto import pb
 from trainer_server._engine import SessionModel
-from trainer_server._errors import invalid_argument
 from trainer_server._fsdp import full, sharded_like
 from trainer_server._models import BaseModel
+from trainer_server.core.errors import invalid_argument
+from trainer_server.core.types import LoraSpec
 
 __all__ = [
     "STATE_FILE",
@@ -258,11 +258,11 @@ def _write_state(snapshot: Snapshot, out: Path) -> None:
     (out / STATE_FILE).write_text(json.dumps(snapshot.info, indent=2, sort_keys=True) + "\n")
 
 
-def read_state_info(state_dir: Path) -> tuple[dict[str, Any], pb.LoraConfig | None]:
+def read_state_info(state_dir: Path) -> tuple[dict[str, Any], LoraSpec | None]:
     """Read a STATE checkpoint's ``state.json``: the info dict and the LoRA config (or None)."""
     info: dict[str, Any] = json.loads((state_dir / STATE_FILE).read_text())
     lora = info.get("lora")
-    config = None if lora is None else pb.LoraConfig(**lora)
+    config = None if lora is None else LoraSpec(int(lora["rank"]), float(lora["alpha"]), tuple(lora["target_modules"]))
     return info, config
 
 

@@ -12,7 +12,7 @@ Gradients are reduce-scattered as a **sum** (divide factor 1, sum-only collectiv
 gloo needs), so a sharded session's gradients equal one process's on the whole batch, as
 with the replicated (DDP-style) mode. Everything that reads whole tensors (checkpoints,
 gradient norms) calls :func:`full`, a collective: every rank must make the same calls in
-the same order, which the op protocol (:mod:`trainer_server._ops`) guarantees.
+the same order, which the op protocol (:mod:`trainer_server.core.ops`) guarantees.
 """
 
 from __future__ import annotations

@@ -1,23 +1,51 @@
-"""Built-in losses, computed on the server from per-token logprobs.
+"""Built-in losses, computed on the server from per-token logprobs, as the Tinker SDK defines them.
 
 Each loss takes the batch's concatenated target logprobs (``requires_grad``) and the
-validated batch, and returns a scalar loss plus metrics. Losses are token sums, not
-means, as in the Tinker SDK, so gradients add up across calls in an accumulation window.
+validated batch, and returns the per-token terms whose **sum** is the loss (token sums, not
+means, so gradients add up across calls in an accumulation window), plus metrics.
+:func:`compute` sums the terms and adds ``loss:sum`` (the name the Tinker SDK reads).
+
+As in Tinker: ``cross_entropy`` weighs each token by ``weights``; the RL losses
+(``importance_sampling``, ``ppo``, ``cispo``, ``dro``) do **not** read ``weights``: a token
+that must not count (a prompt token) carries advantage 0. Inputs besides ``target_tokens``:
+``logprobs`` (the sampler's logprobs of the targets) and ``advantages``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from trainer_server._batch import Batch
-from trainer_server._errors import invalid_argument
+from trainer_server.core.errors import invalid_argument
 
-__all__ = ["LOSSES", "LossResult", "cispo", "cross_entropy", "dro", "importance_sampling", "ppo", "validate"]
+__all__ = [
+    "LOSSES",
+    "LossResult",
+    "cispo",
+    "compute",
+    "cross_entropy",
+    "dro",
+    "importance_sampling",
+    "ppo",
+    "validate",
+]
 
-LossResult = tuple[torch.Tensor, dict[str, float]]
+Terms = tuple[torch.Tensor, dict[str, float]]
+"""A loss's per-token terms (their sum is the loss) and its metrics."""
+
+
+@dataclass(frozen=True)
+class LossResult:
+    """A computed loss: the scalar (with its graph), each token's term (detached) and metrics."""
+
+    loss: torch.Tensor
+    elementwise: torch.Tensor
+    metrics: dict[str, float]
+
 
 CONFIG_DEFAULTS: dict[str, dict[str, float]] = {
     "cross_entropy": {},
@@ -36,21 +64,18 @@ REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
 """Each loss's loss_fn_config keys and defaults, and the loss_fn_inputs it needs besides target_tokens."""
 
 
-def cross_entropy(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> LossResult:
-    """Weighted negative log-likelihood: ``-sum(weights * logprobs)``.
+def cross_entropy(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> Terms:
+    """Weighted negative log-likelihood: terms ``-weights * logprobs``.
 
     Raises:
         ServiceError: INVALID_ARGUMENT when a config key is given (it takes none).
     """
     _config("cross_entropy", config, CONFIG_DEFAULTS["cross_entropy"])
     weights = batch.flat_weights().to(logprobs.device)
-    loss = -(weights * logprobs).sum()
+    terms = -(weights * logprobs)
     total_weight = float(weights.sum())
-    return loss, {
-        "loss:sum": float(loss.detach()),
-        "weights:sum": total_weight,
-        "nll:mean": float(loss.detach()) / total_weight if total_weight else 0.0,
-    }
+    nll = float(terms.detach().sum())
+    return terms, {"weights:sum": total_weight, "nll:mean": nll / total_weight if total_weight else 0.0}
 
 
 def _config(name: str, config: Mapping[str, float], defaults: Mapping[str, float]) -> dict[str, float]:
@@ -71,74 +96,63 @@ def _config(name: str, config: Mapping[str, float], defaults: Mapping[str, float
     return cfg
 
 
-def _rl_inputs(logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sampler logprobs, advantages and weights, flat and on the logprobs' device."""
+def _rl_inputs(logprobs: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampler logprobs and advantages, flat and on the logprobs' device."""
     device = logprobs.device
-    sampled = batch.flat_extra("logprobs").to(device)
-    advantages = batch.flat_extra("advantages").to(device)
-    return sampled, advantages, batch.flat_weights().to(device)
+    return batch.flat_extra("logprobs").to(device), batch.flat_extra("advantages").to(device)
 
 
-def _ratio_metrics(ratio: torch.Tensor, loss: torch.Tensor, weights: torch.Tensor) -> dict[str, float]:
-    """Loss, and ratio statistics over the tokens that count (weight != 0; prompt tokens do not)."""
-    live = weights != 0
+def _ratio_metrics(ratio: torch.Tensor, advantages: torch.Tensor) -> dict[str, float]:
+    """Ratio statistics over the tokens that count (advantage != 0; prompt tokens carry 0)."""
+    live = advantages != 0
     r = ratio.detach()[live] if bool(live.any()) else ratio.detach()
-    return {"loss:sum": float(loss.detach()), "ratio:mean": float(r.mean()), "ratio:max": float(r.max())}
+    return {"ratio:mean": float(r.mean()), "ratio:max": float(r.max())}
 
 
-def importance_sampling(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> LossResult:
-    """Policy gradient with an importance weight: ``-sum(exp(lp - lp_sampler) * A)``.
-
-    Inputs per datum: ``target_tokens``, ``logprobs`` (from the sampler), ``advantages``;
-    ``weights`` (default ones) masks tokens.
-    """
+def importance_sampling(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> Terms:
+    """Policy gradient with an importance weight: terms ``-exp(lp - lp_sampler) * A``."""
     _config("importance_sampling", config, CONFIG_DEFAULTS["importance_sampling"])
-    sampled, advantages, weights = _rl_inputs(logprobs, batch)
+    sampled, advantages = _rl_inputs(logprobs, batch)
     ratio = torch.exp(logprobs - sampled)
-    loss = -(weights * ratio * advantages).sum()
-    return loss, _ratio_metrics(ratio, loss, weights)
+    return -(ratio * advantages), _ratio_metrics(ratio, advantages)
 
 
-def ppo(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> LossResult:
-    """PPO's clipped objective: ``-sum(min(r * A, clip(r, low, high) * A))``.
+def ppo(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> Terms:
+    """PPO's clipped objective: terms ``-min(r * A, clip(r, low, high) * A)``.
 
     Config: ``clip_low_threshold`` (default 0.8) and ``clip_high_threshold`` (default 1.2).
     """
     cfg = _config("ppo", config, CONFIG_DEFAULTS["ppo"])
-    sampled, advantages, weights = _rl_inputs(logprobs, batch)
+    sampled, advantages = _rl_inputs(logprobs, batch)
     ratio = torch.exp(logprobs - sampled)
     clipped = torch.clamp(ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"])
-    objective = torch.minimum(ratio * advantages, clipped * advantages)
-    loss = -(weights * objective).sum()
-    metrics = _ratio_metrics(ratio, loss, weights)
-    live = weights != 0
+    terms = -torch.minimum(ratio * advantages, clipped * advantages)
+    metrics = _ratio_metrics(ratio, advantages)
+    live = advantages != 0
     metrics["clipped:fraction"] = float(((ratio != clipped) & live).sum() / live.sum().clamp_min(1))
-    return loss, metrics
+    return terms, metrics
 
 
-def cispo(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> LossResult:
-    """CISPO: ``-sum(sg(clip(r, low, high)) * lp * A)``; the clipped ratio carries no gradient.
+def cispo(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> Terms:
+    """CISPO: terms ``-sg(clip(r, low, high)) * lp * A``; the clipped ratio carries no gradient.
 
     Config: ``clip_low_threshold`` (default 0.8) and ``clip_high_threshold`` (default 1.2).
     """
     cfg = _config("cispo", config, CONFIG_DEFAULTS["cispo"])
-    sampled, advantages, weights = _rl_inputs(logprobs, batch)
+    sampled, advantages = _rl_inputs(logprobs, batch)
     ratio = torch.exp(logprobs - sampled)
     clipped = torch.clamp(ratio, cfg["clip_low_threshold"], cfg["clip_high_threshold"]).detach()
-    loss = -(weights * clipped * logprobs * advantages).sum()
-    return loss, _ratio_metrics(ratio, loss, weights)
+    return -(clipped * logprobs * advantages), _ratio_metrics(ratio, advantages)
 
 
-def dro(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> LossResult:
-    """DRO: ``-sum(lp * A - beta / 2 * (lp - lp_sampler) ** 2)``.
+def dro(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> Terms:
+    """DRO: terms ``-(lp * A - beta / 2 * (lp - lp_sampler) ** 2)``.
 
     Config: ``beta`` (default 0.05).
     """
     cfg = _config("dro", config, CONFIG_DEFAULTS["dro"])
-    sampled, advantages, weights = _rl_inputs(logprobs, batch)
-    objective = logprobs * advantages - 0.5 * cfg["beta"] * (logprobs - sampled) ** 2
-    loss = -(weights * objective).sum()
-    return loss, {"loss:sum": float(loss.detach())}
+    sampled, advantages = _rl_inputs(logprobs, batch)
+    return -(logprobs * advantages - 0.5 * cfg["beta"] * (logprobs - sampled) ** 2), {}
 
 
 def validate(name: str, batch: Batch, config: Mapping[str, float]) -> None:
@@ -153,11 +167,18 @@ def validate(name: str, batch: Batch, config: Mapping[str, float]) -> None:
         batch.flat_extra(key)
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, Batch, Mapping[str, float]], LossResult]] = {
+LOSSES: dict[str, Callable[[torch.Tensor, Batch, Mapping[str, float]], Terms]] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
 }
-"""Built-in losses by the name clients send in ``ForwardBackwardStart.loss_fn``."""
+"""Built-in losses by the name clients send (``ForwardBackwardStart.loss_fn``, Tinker's ``loss_fn``)."""
+
+
+def compute(name: str, logprobs: torch.Tensor, batch: Batch, config: Mapping[str, float]) -> LossResult:
+    """Run loss ``name``: the sum of its terms, the terms themselves, and metrics with ``loss:sum``."""
+    terms, metrics = LOSSES[name](logprobs, batch, config)
+    loss = terms.sum()
+    return LossResult(loss, terms.detach(), {"loss:sum": float(loss.detach()), **metrics})

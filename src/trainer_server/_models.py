@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from trainer_proto import pb
+from trainer_server.core.types import ModelSummary
 
 __all__ = ["TOKENIZER_FILES", "BaseModel", "load_base_model"]
 
@@ -63,9 +63,9 @@ class BaseModel:
         """Parameter count of the base model."""
         return sum(p.numel() for p in self.model.parameters())
 
-    def info(self) -> pb.ModelInfo:
-        """Describe the model for GetServerInfo."""
-        return pb.ModelInfo(
+    def summary(self) -> ModelSummary:
+        """Describe the model (GetServerInfo, Tinker's capabilities)."""
+        return ModelSummary(
             name=self.name,
             architecture=type(self.model).__name__,
             vocab_size=self.vocab_size,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from trainer_proto import pb
-from trainer_server._errors import invalid_argument, resource_exhausted
+from trainer_server.core.errors import invalid_argument, resource_exhausted
 
 __all__ = ["Sample", "SamplingSettings", "generate"]
 

@@ -23,12 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from trainer_proto import alloc, options, pb, wire
-from trainer_server._auth import ApiKeyInterceptor
 from trainer_server._cluster import Cluster
 from trainer_server._config import ServerConfig
-from trainer_server._ops import serve_worker
-from trainer_server._runtime import Runtime
-from trainer_server._servicer import TrainerServicer
+from trainer_server.core.ops import serve_worker
+from trainer_server.core.service import TrainingCore
+from trainer_server.frontends.grpc_auth import ApiKeyInterceptor
+from trainer_server.frontends.grpc_servicer import TrainerServicer
 
 __all__ = ["SERVICE_NAME", "TrainerServer", "model_paths", "run_worker"]
 
@@ -103,7 +103,7 @@ class TrainerServer:
         self.cluster = cluster
         if cluster is not None and cluster.rank != 0:
             raise ValueError(f"only rank 0 serves gRPC; rank {cluster.rank} runs serve_worker()")
-        self.runtime: Runtime | None = None
+        self.core: TrainingCore | None = None
         self.servicer: TrainerServicer | None = None
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
@@ -133,9 +133,9 @@ class TrainerServer:
         if self.config.tune_allocator:
             alloc.tune_allocator()
         limits = self.config.limits
-        self.runtime = Runtime(self.config, await asyncio.to_thread(model_paths, self.config), self.cluster)
-        self.runtime.on_broken = lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.servicer = TrainerServicer(self.runtime)
+        self.core = TrainingCore(self.config, await asyncio.to_thread(model_paths, self.config), self.cluster)
+        self.core.on_broken = lambda: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer = TrainerServicer(self.core)
         server = grpc.aio.server(
             interceptors=[ApiKeyInterceptor(self.config.api_keys)] if self.config.api_keys else None,
             options=options.grpc_options(
@@ -170,12 +170,12 @@ class TrainerServer:
             f", {len(self.config.api_keys)} API keys" if self.config.api_keys else ", no API keys (auth off)",
         )
         try:
-            await self.runtime.load_models()
+            await self.core.load_models()
         except BaseException:
             await self.stop(0)
             raise
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s", sorted(self.runtime.models), self.address)
+        log.info("serving %s on %s", sorted(self.core.models), self.address)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish for ``grace_s``, then close."""
@@ -186,8 +186,8 @@ class TrainerServer:
         log.info("shutting down (grace %.1fs)", grace)
         await self._server.stop(grace)
         self._server = None
-        if self.runtime is not None:
-            await self.runtime.shutdown()
+        if self.core is not None:
+            await self.core.shutdown()
         log.info("stopped")
 
     async def wait_for_termination(self) -> None:

@@ -84,6 +84,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Let open methods and calls with an accepted key through; refuse the rest UNAUTHENTICATED."""
         method = handler_call_details.method
         if method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(handler_call_details)

@@ -26,11 +26,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import grpc
-
 from trainer_server._engine import SessionModel
-from trainer_server._errors import ServiceError, invalid_argument, not_found, resource_exhausted
 from trainer_server._models import BaseModel
+from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found, resource_exhausted
 
 __all__ = [
     "MAX_SEQ_LOOKAHEAD",
@@ -47,7 +45,7 @@ MAX_SEQ_LOOKAHEAD = 1024
 """A call may carry at most this many numbers past the next expected one (a huge number would
 otherwise skip, via the gap timeout, every number a session could still use)."""
 MAX_STORED_OUTCOMES = 32
-"""Finished calls per session whose responses are kept to answer retries."""
+"""Finished calls per session whose results are kept to answer retries."""
 
 T = TypeVar("T")
 
@@ -108,9 +106,9 @@ class Session:
             self._advance()
             self._changed.notify_all()
 
-    def record(self, seq: int, fingerprint: bytes, responses: list[Any], *, final_fingerprint: bytes = b"") -> None:
-        """Keep a finished call's responses, so a retry of it is answered without re-running."""
-        self._outcomes[seq] = Outcome(fingerprint, responses, final_fingerprint=final_fingerprint)
+    def record(self, seq: int, fingerprint: bytes, result: Any) -> None:
+        """Keep a finished call's result, so a retry of it is answered without re-running."""
+        self._outcomes[seq] = Outcome(fingerprint, result)
         while len(self._outcomes) > MAX_STORED_OUTCOMES:
             self._outcomes.popitem(last=False)
 
@@ -127,7 +125,7 @@ class Session:
         if seq in self._seen:
             if self._claimed_fingerprints.get(seq) != fingerprint:
                 raise ServiceError(
-                    grpc.StatusCode.ALREADY_EXISTS,
+                    ErrorCode.ALREADY_EXISTS,
                     f"session {self.id}: sequence number {seq} is in use by a different request "
                     f"(next expected: {self.next_seq})",
                 )
@@ -140,7 +138,7 @@ class Session:
             return outcome
         why = "by a different request" if outcome is not None else "and its outcome is not kept (failed or cancelled)"
         raise ServiceError(
-            grpc.StatusCode.ALREADY_EXISTS,
+            ErrorCode.ALREADY_EXISTS,
             f"session {self.id}: sequence number {seq} was already used {why} (next expected: {self.next_seq})",
         )
 
@@ -162,7 +160,7 @@ class Session:
             raise invalid_argument("call.seq is required and starts at 1")
         if seq > self.next_seq + MAX_SEQ_LOOKAHEAD:
             raise ServiceError(
-                grpc.StatusCode.OUT_OF_RANGE,
+                ErrorCode.OUT_OF_RANGE,
                 f"session {self.id}: call.seq {seq} is too far ahead (next expected: {self.next_seq}, "
                 f"at most {MAX_SEQ_LOOKAHEAD} ahead)",
             )
@@ -192,12 +190,10 @@ class Session:
 
 @dataclass(frozen=True)
 class Outcome:
-    """A finished call's request fingerprint and responses, kept to answer retries."""
+    """A finished call's request fingerprint and result (a domain result), kept to answer retries."""
 
     fingerprint: bytes
-    responses: list[Any]
-    final_fingerprint: bytes = b""
-    """For ForwardBackwardCustom: the fingerprint including the gradient."""
+    result: Any
 
 
 class SequencedCall:
@@ -222,14 +218,14 @@ class SequencedCall:
 
         Args:
             work: the device work (and, for streams, recording the outcome).
-            record: store ``[result]`` as the outcome (unary calls).
+            record: store the work's result as the call's outcome.
         """
 
         async def run() -> T:
-            _COMMITTING.set(self)  # Runtime.on_device reports queued device work to this call
+            _COMMITTING.set(self)  # TrainingCore.on_device reports queued device work to this call
             result = await work
             if record:
-                self.session.record(self.seq, self.fingerprint, [result])
+                self.session.record(self.seq, self.fingerprint, result)
             return result
 
         self.committing = asyncio.ensure_future(run())
@@ -289,13 +285,13 @@ class SequencedCall:
                     )
                     self.had_turn = True  # every number up to and including this one is used up
                     raise ServiceError(
-                        grpc.StatusCode.ABORTED,
+                        ErrorCode.ABORTED,
                         f"session {s.id}: call {self.seq} waited {gap_timeout_s:g}s for call {missing}, which never "
                         f"arrived; call {self.seq} was not applied and calls {missing}..{self.seq} are skipped",
                     ) from None
             if not s.closed and s.next_seq > self.seq:
                 raise ServiceError(
-                    grpc.StatusCode.ABORTED,
+                    ErrorCode.ABORTED,
                     f"session {s.id}: call {self.seq} was skipped, with the gap before it, by a later call that gave "
                     "up waiting for a missing call; it was not applied",
                 )

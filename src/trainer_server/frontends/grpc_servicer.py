@@ -1,15 +1,16 @@
-"""The ``trainer.v1.TrainerService`` servicer: protocol handling, no model math.
+"""The ``trainer.v1.TrainerService`` servicer: a thin gRPC adapter over the core.
 
-Each handler reads its request stream, validates it, waits for the call's turn in the
-session's sequence, hands the model work to the :class:`~trainer_server._runtime.Runtime`
-(which runs it on the device thread), and streams results back. Engine errors are turned
-into gRPC statuses in one place, :func:`translate_errors`.
+Each handler reads its request (streams in chunks), decodes it into domain types, calls
+the :class:`~trainer_server.core.service.TrainingCore` (which sequences the call, replays
+retries and runs the model work), and encodes the domain result back into messages. Core
+errors are turned into gRPC statuses in one place, :func:`translate_errors`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -21,17 +22,20 @@ import torch
 from google.protobuf.message import Message
 
 from trainer_proto import pb, pb_grpc, wire
-from trainer_server._auth import owner_of
-from trainer_server._batch import Batch, parse_datums
 from trainer_server._checkpoints import MANIFEST, Manifest
-from trainer_server._engine import AdamSettings
-from trainer_server._errors import ServiceError, invalid_argument, resource_exhausted
-from trainer_server._losses import LOSSES
-from trainer_server._losses import validate as validate_loss
 from trainer_server._models import BaseModel
-from trainer_server._runtime import Runtime
-from trainer_server._sampling import SamplingSettings, generate
-from trainer_server._sessions import SequencedCall, Session
+from trainer_server._sampling import SamplingSettings
+from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found, resource_exhausted
+from trainer_server.core.service import TrainingCore
+from trainer_server.core.types import (
+    CallRef,
+    ForwardResult,
+    LoraSpec,
+    RawDatum,
+    ServerSummary,
+    SessionSpec,
+)
+from trainer_server.frontends.grpc_auth import owner_of
 
 __all__ = ["TrainerServicer", "translate_errors"]
 
@@ -48,6 +52,11 @@ _LOGPROB_DTYPES: dict[int, torch.dtype] = {
 }
 
 
+def grpc_status(code: ErrorCode) -> grpc.StatusCode:
+    """The gRPC status of a core error code (the same canonical name)."""
+    return grpc.StatusCode[code.name]
+
+
 def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
     """Turn engine errors into statuses; log unexpected ones and answer INTERNAL."""
     name = handler.__name__
@@ -59,7 +68,7 @@ def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
             return await handler(self, request, context)
         except ServiceError as exc:
             log.info("%s -> %s: %s", name, exc.code.name, exc.message)
-            code, message = exc.code, exc.message
+            code, message = grpc_status(exc.code), exc.message
         except wire.WireError as exc:
             log.info("%s -> INVALID_ARGUMENT: %s", name, exc)
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
@@ -104,6 +113,8 @@ _KINDS = {
     "adapter": pb.CHECKPOINT_KIND_ADAPTER,
     "state": pb.CHECKPOINT_KIND_STATE,
 }
+_KIND_NAMES = {value: name for name, value in _KINDS.items()}
+_EXPORT_DTYPES = {pb.DATA_TYPE_UNSPECIFIED: "", pb.DATA_TYPE_BFLOAT16: "bfloat16", pb.DATA_TYPE_FLOAT32: "float32"}
 
 
 def checkpoint_info(manifest: Manifest) -> pb.CheckpointInfo:
@@ -123,6 +134,49 @@ def checkpoint_info(manifest: Manifest) -> pb.CheckpointInfo:
     )
 
 
+def server_info(summary: ServerSummary, limits: Any) -> pb.GetServerInfoResponse:
+    """The core's server summary as the wire's GetServerInfoResponse."""
+    return pb.GetServerInfoResponse(
+        version=summary.version,
+        models=[
+            pb.ModelInfo(
+                name=m.name,
+                architecture=m.architecture,
+                vocab_size=m.vocab_size,
+                max_sequence_length=m.max_sequence_length,
+                dtype=m.dtype,
+                num_parameters=m.num_parameters,
+            )
+            for m in summary.models
+        ],
+        devices=summary.devices,
+        world_size=summary.world_size,
+        distributed_mode=summary.distributed_mode,
+        limits=pb.Limits(**dataclasses.asdict(limits)),
+        capabilities=summary.capabilities,
+        loss_functions=summary.loss_functions,
+    )
+
+
+def _raw_datums(datums: list[pb.Datum], max_bytes: int) -> list[RawDatum]:
+    """Decode the wire's datums into tensors (validation against the model is the core's)."""
+    out = []
+    for i, d in enumerate(datums):
+        where = f"datum {i}"
+        if not d.HasField("model_input"):
+            raise invalid_argument(f"{where}: model_input is missing")
+        out.append(
+            RawDatum(
+                wire.tensor_from_wire(d.model_input, f"{where}: model_input", max_bytes=max_bytes),
+                {
+                    name: wire.tensor_from_wire(t, f"{where}: loss_fn_inputs[{name!r}]", max_bytes=max_bytes)
+                    for name, t in d.loss_fn_inputs.items()
+                },
+            )
+        )
+    return out
+
+
 def _fingerprint(method: str, request: Message) -> bytes:
     """What tells a retry (same bytes) from another call that reuses a sequence number."""
     return hashlib.sha256(method.encode() + request.SerializeToString(deterministic=True)).digest()
@@ -136,19 +190,15 @@ def _logprobs_dtype(value: int) -> torch.dtype:
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):
-    """Implements every RPC of ``trainer.v1.TrainerService`` over a :class:`Runtime`."""
+    """Implements every RPC of ``trainer.v1.TrainerService`` over a :class:`TrainingCore`."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-
-    @property
-    def held_graphs(self) -> dict[int, Any]:
-        """Forward graphs kept alive for a gradient still to come, by handle (rank 0's view)."""
-        return self.runtime.engine.held
+    def __init__(self, core: TrainingCore) -> None:
+        self.core = core
+        self._server_info: pb.GetServerInfoResponse | None = None
 
     def _owner(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """The caller's owner id ("" when auth is off)."""
-        return owner_of(context, bool(self.runtime.config.api_keys))
+        return owner_of(context, bool(self.core.config.api_keys))
 
     # ---- stream helpers -------------------------------------------------------------
 
@@ -163,7 +213,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
 
     async def _read_request(
         self, context: grpc.aio.ServicerContext[Any, Any], method: str
-    ) -> tuple[Any, list[pb.Datum], Any, ServiceError | None]:
+    ) -> tuple[Any, list[RawDatum], Any, ServiceError | None]:
         """Read the start message and every datum message of a call, hashing what was read.
 
         Everything the client sends before it waits for a reply is read before anything is
@@ -171,9 +221,9 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         fingerprint, which tells a retry from a different call with the same number.
 
         Returns:
-            The start message, the datums, the running sha256 of the request, and the
-            problem with the datum stream, if any: the caller raises it once it holds the
-            call's sequence number, so a refused call still uses up its number.
+            The start message, the decoded datums, the running sha256 of the request, and
+            the problem with the datum stream, if any: the core raises it once the call
+            holds its sequence number, so a refused call still uses up its number.
 
         Raises:
             ServiceError: INVALID_ARGUMENT when there is no start message (and so no number).
@@ -184,16 +234,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             raise invalid_argument(f"the first message must be 'start', got {msg.WhichOneof('message')!r}")
         start = msg.start
         num_datums = start.num_datums
-        limits = self.runtime.config.limits
+        limits = self.core.config.limits
         datums: list[pb.Datum] = []
         if num_datums == 0:
             problem = invalid_argument("the batch has no datums (start.num_datums is 0); send at least one")
-            return start, datums, hasher, problem
+            return start, [], hasher, problem
         if num_datums > limits.max_datums_per_call:
             problem = resource_exhausted(
                 f"{num_datums} datums in one call is over the limit max_datums_per_call={limits.max_datums_per_call}"
             )
-            return start, datums, hasher, problem
+            return start, [], hasher, problem
         try:
             while len(datums) < num_datums:
                 msg = await self._read(context, f"datums ({len(datums)} of {num_datums} received)", hasher)
@@ -204,27 +254,32 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 datums.extend(msg.datums.datums)
             if len(datums) != num_datums:
                 raise invalid_argument(f"got {len(datums)} datums, but start.num_datums is {num_datums}")
+            tokens = sum(len(d.model_input.shape) and int(d.model_input.shape[0]) for d in datums)
+            if tokens > limits.max_tokens_per_call:  # refused before decoding anything
+                raise resource_exhausted(
+                    f"{tokens} tokens in one call is over the limit max_tokens_per_call={limits.max_tokens_per_call}"
+                )
+            raw = await asyncio.to_thread(_raw_datums, datums, limits.max_message_bytes)
         except ServiceError as exc:
-            return start, datums, hasher, exc
-        return start, datums, hasher, None
+            return start, [], hasher, exc
+        except wire.WireError as exc:
+            return start, [], hasher, invalid_argument(str(exc))
+        return start, raw, hasher, None
 
-    async def _parse(self, datums: list[pb.Datum], session: Session) -> Batch:
-        """Validate datums off the event loop (the work is proportional to the tokens)."""
-        return await asyncio.to_thread(parse_datums, datums, session.base, self.runtime.config.limits)
+    def _call(self, context: grpc.aio.ServicerContext[Any, Any], header: pb.CallHeader, fingerprint: bytes) -> CallRef:
+        return CallRef(self._owner(context), header.session_id, header.seq, fingerprint)
 
     @staticmethod
     async def _write_all(context: grpc.aio.ServicerContext[Any, Any], responses: list[Any]) -> None:
         for response in responses:
             await context.write(response)
 
-    def _logprobs_messages(
-        self, method: str, logprobs: torch.Tensor, lengths: list[int], dtype: torch.dtype
-    ) -> list[Any]:
-        """The header message and the encoded chunk messages that stream ``logprobs`` back."""
+    def _logprobs_messages(self, method: str, result: ForwardResult, dtype: torch.dtype) -> list[Any]:
+        """The header message and the encoded chunk messages that stream a result's logprobs back."""
         codec = wire.STREAM_CODECS[method][1]
-        flat = logprobs.detach().to(device="cpu", dtype=dtype)
-        messages: list[Any] = [codec.message_class(logprobs_header=wire.stream_header(flat, lengths))]
-        messages += codec.chunk_messages(flat, self.runtime.config.limits.chunk_bytes)
+        flat = result.logprobs.detach().to(device="cpu", dtype=dtype)
+        messages: list[Any] = [codec.message_class(logprobs_header=wire.stream_header(flat, result.lengths))]
+        messages += codec.chunk_messages(flat, self.core.config.limits.chunk_bytes)
         return messages
 
     async def _read_gradient(
@@ -239,7 +294,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 f"gradient has {sum(header.lengths)} values in {len(header.lengths)} datums, but the logprobs have "
                 f"{sum(lengths)} in {len(lengths)} (lengths {list(header.lengths)} vs {lengths})"
             )
-        assembler = wire.ChunkAssembler(header, "gradient", max_bytes=self.runtime.config.limits.max_message_bytes * 64)
+        assembler = wire.ChunkAssembler(header, "gradient", max_bytes=self.core.config.limits.max_message_bytes * 64)
         while not assembler.done:
             msg = await self._read(
                 context, f"gradient bytes ({assembler.received} of {assembler.total_bytes} received)", hasher
@@ -247,18 +302,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             if msg.WhichOneof("message") != "grad_chunk":
                 raise invalid_argument(f"expected 'grad_chunk', got {msg.WhichOneof('message')!r}")
             assembler.add(msg.grad_chunk)
-        grad = assembler.tensor()
-        finite = torch.isfinite(grad)
-        if not bool(finite.all()):
-            index = int((~finite).nonzero()[0, 0])
-            datum, offset = 0, index
-            while offset >= lengths[datum]:
-                offset -= lengths[datum]
-                datum += 1
-            raise invalid_argument(
-                f"gradient contains {float(grad[index])} at datum {datum}, position {offset}; nothing was applied"
-            )
-        return grad
+        return assembler.tensor()
 
     # ---- RPCs -----------------------------------------------------------------------
 
@@ -267,14 +311,33 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
         """Describe the server."""
-        return self.runtime.server_info()
+        if self._server_info is not None:
+            return self._server_info
+        info = server_info(self.core.server_summary(), self.core.config.limits)
+        if self.core.ready:  # models and limits never change once loaded: build the reply once
+            self._server_info = info
+        return info
 
     @translate_errors
     async def CreateSession(
         self, request: pb.CreateSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CreateSessionResponse:
-        """Start a LoRA or full fine-tune session."""
-        session = await self.runtime.create_session(request, self._owner(context))
+        """Start a LoRA or full fine-tune session, or resume one from a STATE checkpoint."""
+        owner = self._owner(context)
+        if request.resume_from:
+            if request.WhichOneof("mode") is not None:
+                raise invalid_argument("resume_from takes the mode from the checkpoint; do not set lora or full")
+            session = await self.core.resume_session(owner, request.resume_from, base_model=request.base_model)
+        else:
+            mode = request.WhichOneof("mode")
+            self.core.model(request.base_model)  # an unknown model is named before a missing mode
+            if mode is None:
+                raise invalid_argument("mode is required: set 'lora' (with a rank) or 'full'")
+            lora = None
+            if mode == "lora":
+                msg = request.lora
+                lora = LoraSpec(msg.rank, msg.alpha, tuple(msg.target_modules))
+            session = await self.core.create_session(owner, SessionSpec(request.base_model, lora, request.seed))
         return pb.CreateSessionResponse(
             session_id=session.id,
             base_model=session.base.name,
@@ -287,10 +350,10 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     @translate_errors
     async def GetTokenizer(self, request: pb.GetTokenizerRequest, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Stream the model's tokenizer files in chunks."""
-        base = self.runtime.model(request.base_model)
+        base = self.core.model(request.base_model)
         if not base.tokenizer_files:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"model {base.name!r} has no tokenizer files")
-        step = self.runtime.config.limits.chunk_bytes
+            raise not_found(f"model {base.name!r} has no tokenizer files")
+        step = self.core.config.limits.chunk_bytes
         for name, data in sorted(base.tokenizer_files.items()):
             for offset in range(0, max(len(data), 1), step):
                 await context.write(
@@ -302,58 +365,28 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     @translate_errors
     async def Forward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """Logprobs of the targets on the session's current weights; nothing is kept."""
-        start, datums, hasher, problem = await self._read_request(context, "Forward")
-        session = self.runtime.session(start.call.session_id, self._owner(context))
-        async with session.call(start.call.seq, hasher.digest()) as call:
-            if problem is not None:
-                raise problem
-            if call.replay is None:
-                dtype = _logprobs_dtype(start.logprobs_dtype)
-                batch = await self._parse(datums, session)
-                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s, queued=True)
-
-                async def apply() -> list[Any]:
-                    logprobs = await self.runtime.forward(session, batch)
-                    out = self._logprobs_messages("Forward", logprobs, batch.lengths, dtype)
-                    out.append(pb.ForwardResponse(result=pb.ForwardResult(seq=call.seq, num_tokens=batch.num_tokens)))
-                    session.record(call.seq, hasher.digest(), out)
-                    return out
-
-                responses = await call.commit(apply())
-        await self._write_all(context, responses if call.replay is None else call.replay.responses)
+        start, data, hasher, problem = await self._read_request(context, "Forward")
+        dtype = _logprobs_dtype(start.logprobs_dtype)
+        result = await self.core.forward(self._call(context, start.call, hasher.digest()), data, problem=problem)
+        out = self._logprobs_messages("Forward", result, dtype)
+        out.append(pb.ForwardResponse(result=pb.ForwardResult(seq=result.seq, num_tokens=result.num_tokens)))
+        await self._write_all(context, out)
 
     @translate_errors
     async def ForwardBackward(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
         """A built-in loss: forward, loss, backward; gradients accumulate."""
-        start, datums, hasher, problem = await self._read_request(context, "ForwardBackward")
-        session = self.runtime.session(start.call.session_id, self._owner(context))
-        async with session.call(start.call.seq, hasher.digest()) as call:
-            if problem is not None:
-                raise problem
-            if call.replay is None:
-                dtype = _logprobs_dtype(start.logprobs_dtype)
-                loss_fn = LOSSES.get(start.loss_fn)
-                if loss_fn is None:
-                    raise invalid_argument(f"unknown loss_fn {start.loss_fn!r}; built-in losses: {sorted(LOSSES)}")
-                batch = await self._parse(datums, session)
-                config = dict(start.loss_fn_config)
-                validate_loss(start.loss_fn, batch, config)  # refused before its turn, with no model work
-                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s, queued=True)
-
-                async def apply() -> list[Any]:
-                    logprobs, loss, metrics = await self.runtime.forward_backward(session, batch, loss_fn, config)
-                    out = []
-                    if start.return_logprobs:
-                        out = self._logprobs_messages("ForwardBackward", logprobs, batch.lengths, dtype)
-                    result = pb.ForwardBackwardResult(
-                        seq=call.seq, num_tokens=batch.num_tokens, loss=loss, metrics=metrics
-                    )
-                    out.append(pb.ForwardBackwardResponse(result=result))
-                    session.record(call.seq, hasher.digest(), out)
-                    return out
-
-                responses = await call.commit(apply())
-        await self._write_all(context, responses if call.replay is None else call.replay.responses)
+        start, data, hasher, problem = await self._read_request(context, "ForwardBackward")
+        dtype = _logprobs_dtype(start.logprobs_dtype)
+        call = self._call(context, start.call, hasher.digest())
+        result = await self.core.forward_backward(
+            call, data, start.loss_fn, dict(start.loss_fn_config), problem=problem
+        )
+        out = self._logprobs_messages("ForwardBackward", result, dtype) if start.return_logprobs else []
+        summary = pb.ForwardBackwardResult(
+            seq=result.seq, num_tokens=result.num_tokens, loss=result.loss, metrics=result.metrics
+        )
+        out.append(pb.ForwardBackwardResponse(result=summary))
+        await self._write_all(context, out)
 
     @translate_errors
     async def ForwardBackwardCustom(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:  # type: ignore[override]  # streams via context.write
@@ -363,108 +396,46 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         is released and the session's gradients are untouched. A retry of a finished call
         gets the stored logprobs, must send the same gradient, and gets the stored result.
         """
-        start, datums, hasher, problem = await self._read_request(context, "ForwardBackwardCustom")
-        session = self.runtime.session(start.call.session_id, self._owner(context))
-        async with session.call(start.call.seq, hasher.digest()) as call:
-            if problem is not None:
-                raise problem
-            if call.replay is not None:
-                *logprob_messages, result_message = call.replay.responses
-                await self._write_all(context, logprob_messages)
-                lengths = list(logprob_messages[0].logprobs_header.lengths)
-                await self._read_gradient(context, lengths, hasher)
-                if hasher.digest() != call.replay.final_fingerprint:
-                    raise ServiceError(
-                        grpc.StatusCode.ALREADY_EXISTS,
-                        f"session {session.id}: call {call.seq} was already applied with a different gradient",
-                    )
-                await context.write(result_message)
-                return
-            dtype = _logprobs_dtype(start.logprobs_dtype)
-            batch = await self._parse(datums, session)
-            request_fingerprint = hasher.digest()
-            gap_timeout_s = self.runtime.config.sequence_gap_timeout_s
-            # The forward may run while the previous call waits for its client's loss (overlap).
-            await call.wait_turn(gap_timeout_s, ahead=True)
-            handle, logprobs = await self.runtime.forward_held(session, batch)
-            try:
-                await call.forward_done()
-                responses = self._logprobs_messages("ForwardBackwardCustom", logprobs, batch.lengths, dtype)
-                await self._write_all(context, responses)
-                grad = await self._read_gradient(context, batch.lengths, hasher)
-                await call.wait_turn(gap_timeout_s, queued=True)  # gradients accumulate in sequence order
-            except BaseException:
-                self.runtime.release(handle)  # drop the graph on every rank; nothing is applied
-                raise
-
-            async def apply() -> Any:
-                await self.runtime.backward(session, handle, grad)
-                out = pb.ForwardBackwardCustomResponse(
-                    result=pb.ForwardBackwardCustomResult(seq=call.seq, num_tokens=batch.num_tokens)
-                )
-                session.record(call.seq, request_fingerprint, [*responses, out], final_fingerprint=hasher.digest())
-                return out
-
-            result = await call.commit(apply())
-        await context.write(result)
+        start, data, hasher, problem = await self._read_request(context, "ForwardBackwardCustom")
+        dtype = _logprobs_dtype(start.logprobs_dtype)
+        call = self._call(context, start.call, hasher.digest())
+        async with self.core.forward_backward_custom(call, data, problem=problem) as held:
+            await self._write_all(context, self._logprobs_messages("ForwardBackwardCustom", held.result, dtype))
+            grad = await self._read_gradient(context, held.result.lengths, hasher)
+            result = await held.finish(grad, hasher.digest())
+        await context.write(
+            pb.ForwardBackwardCustomResponse(
+                result=pb.ForwardBackwardCustomResult(seq=result.seq, num_tokens=result.num_tokens)
+            )
+        )
 
     @translate_errors
     async def OptimStep(
         self, request: pb.OptimStepRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.OptimStepResponse:
         """AdamW on the accumulated gradients; always reports the gradient norm."""
-
-        async def run(session: Session, call: SequencedCall) -> pb.OptimStepResponse:
-            settings = AdamSettings(request.adam_params)
-            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s, queued=True)
-
-            async def apply() -> pb.OptimStepResponse:
-                step, norm = await self.runtime.optim_step(session, settings)
-                return pb.OptimStepResponse(seq=call.seq, step=step, grad_norm=norm)
-
-            return await call.commit(apply(), record=True)
-
-        return await self._sequenced_unary("OptimStep", request, context, run)
-
-    async def _sequenced_unary(
-        self,
-        method: str,
-        request: Any,
-        context: grpc.aio.ServicerContext[Any, Any],
-        run: Callable[[Session, SequencedCall], Awaitable[_Response]],
-    ) -> _Response:
-        """Run a unary session call in sequence order; answer a retry with its stored response."""
-        session = self.runtime.session(request.call.session_id, self._owner(context))
-        fingerprint = _fingerprint(method, request)
-        async with session.call(request.call.seq, fingerprint) as call:
-            if call.replay is not None:
-                stored: _Response = call.replay.responses[0]
-                return stored
-            response = await run(session, call)
-        return response
+        adam = {field.name: float(value) for field, value in request.adam_params.ListFields()}
+        call = self._call(context, request.call, _fingerprint("OptimStep", request))
+        result = await self.core.optim_step(call, adam)
+        return pb.OptimStepResponse(seq=result.seq, step=result.step, grad_norm=result.grad_norm)
 
     @translate_errors
     async def SaveCheckpoint(
         self, request: pb.SaveCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SaveCheckpointResponse:
         """Write a checkpoint after the session's earlier calls (a barrier)."""
-
-        async def run(session: Session, call: SequencedCall) -> pb.SaveCheckpointResponse:
-            return await self.runtime.save_checkpoint(
-                session,
-                call,
-                request,
-                lambda manifest: pb.SaveCheckpointResponse(seq=call.seq, checkpoint=checkpoint_info(manifest)),
-            )
-
-        return await self._sequenced_unary("SaveCheckpoint", request, context, run)
+        call = self._call(context, request.call, _fingerprint("SaveCheckpoint", request))
+        kind = _KIND_NAMES.get(request.kind, "")
+        dtype = _EXPORT_DTYPES.get(request.dtype, "?")
+        result = await self.core.save_checkpoint(call, request.name, kind, dtype)
+        return pb.SaveCheckpointResponse(seq=result.seq, checkpoint=checkpoint_info(result.manifest))
 
     @translate_errors
     async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListCheckpointsResponse:
         """Committed checkpoints, oldest first."""
-        manifests = await asyncio.to_thread(self.runtime.checkpoint_store(self._owner(context)).all)
+        manifests = await asyncio.to_thread(self.core.checkpoint_store(self._owner(context)).all)
         return pb.ListCheckpointsResponse(checkpoints=[checkpoint_info(m) for m in manifests])
 
     @translate_errors
@@ -472,7 +443,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.DeleteCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.DeleteCheckpointResponse:
         """Remove a checkpoint."""
-        await asyncio.to_thread(self.runtime.checkpoint_store(self._owner(context)).delete, request.name)
+        await asyncio.to_thread(self.core.checkpoint_store(self._owner(context)).delete, request.name)
         return pb.DeleteCheckpointResponse()
 
     @translate_errors
@@ -480,19 +451,19 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.DownloadCheckpointRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         """Stream one file of a checkpoint from ``offset``, in chunks."""
-        store = self.runtime.checkpoint_store(self._owner(context))
+        store = self.core.checkpoint_store(self._owner(context))
         manifest = await asyncio.to_thread(store.manifest, request.name)
         if request.file != MANIFEST:
             manifest.file(request.file)  # NOT_FOUND for a file the manifest does not list
         path = store.path(request.name) / request.file
         if not path.is_file():
-            raise ServiceError(grpc.StatusCode.DATA_LOSS, f"checkpoint {request.name!r}: {request.file} is missing")
+            raise ServiceError(ErrorCode.DATA_LOSS, f"checkpoint {request.name!r}: {request.file} is missing")
         size = path.stat().st_size
         if not 0 <= request.offset <= size:
             raise ServiceError(
-                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside {request.file} ({size} bytes)"
+                ErrorCode.OUT_OF_RANGE, f"offset {request.offset} is outside {request.file} ({size} bytes)"
             )
-        step = self.runtime.config.limits.chunk_bytes
+        step = self.core.config.limits.chunk_bytes
         with path.open("rb") as f:
             f.seek(request.offset)
             offset = request.offset
@@ -511,21 +482,15 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     ) -> None:
         """Generate from a session's current weights (sequenced) or from a checkpoint."""
         source = request.WhichOneof("source")
+
+        def prepare(base: BaseModel) -> tuple[torch.Tensor, SamplingSettings]:
+            return self._sampling_request(request, base)
+
         if source == "call":
-            session = self.runtime.session(request.call.session_id, self._owner(context))
-            async with session.call(request.call.seq) as call:
-                prompt, settings = self._sampling_request(request, session.base)
-                await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-                samples, prompt_lp = await self.runtime.sample(session, prompt, settings)
+            call = self._call(context, request.call, b"")
+            samples, prompt_lp = await self.core.sample(call, prepare)
         elif source == "checkpoint":
-            owner = self._owner(context)
-            manifest = self.runtime.checkpoint_store(owner).manifest(request.checkpoint)
-            # Bad parameters are refused before the checkpoint is verified and loaded.
-            prompt, settings = self._sampling_request(request, self.runtime.model(manifest.base_model))
-            model, base = await self.runtime.checkpoint_model(request.checkpoint, owner)
-            samples, prompt_lp = await self.runtime.on_device(
-                generate, model, prompt, settings, base.eos_token_ids, self.runtime.device
-            )
+            samples, prompt_lp = await self.core.sample_checkpoint(self._owner(context), request.checkpoint, prepare)
         else:
             raise invalid_argument("set either call (sample from a session) or checkpoint")
         if request.return_prompt_logprobs:
@@ -546,21 +511,16 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         if list(request.prompt.shape) == [0]:
             raise invalid_argument("prompt is empty; send at least one token")
         try:
-            batch = parse_datums(
-                [pb.Datum(model_input=request.prompt, loss_fn_inputs={"target_tokens": request.prompt})],
-                base,
-                self.runtime.config.limits,
-            )
-        except ServiceError as exc:  # name the request's field, not the datum it was wrapped in
-            message = exc.message.replace("datum 0: loss_fn_inputs['target_tokens']", "prompt")
-            raise ServiceError(exc.code, message.replace("datum 0: model_input", "prompt")) from None
-        prompt = batch.tokens[0]
+            raw = wire.tensor_from_wire(request.prompt, "prompt", max_bytes=self.core.config.limits.max_message_bytes)
+        except wire.WireError as exc:
+            raise invalid_argument(str(exc)) from None
+        prompt = self.core.validate_prompt(raw, base)
         settings = SamplingSettings.from_proto(
             request.params,
             num_samples=request.num_samples,
             prompt_len=len(prompt),
             max_length=base.max_sequence_length,
-            max_samples=self.runtime.config.limits.max_samples_per_call,
+            max_samples=self.core.config.limits.max_samples_per_call,
         )
         return prompt, settings
 
@@ -569,8 +529,5 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CloseSessionResponse:
         """Close the session after its earlier calls; its memory is freed."""
-        session = self.runtime.session(request.call.session_id, self._owner(context))
-        async with session.call(request.call.seq) as call:
-            await call.wait_turn(self.runtime.config.sequence_gap_timeout_s)
-            await call.commit(self.runtime.close_session(session))
+        await self.core.close_session(self._call(context, request.call, b""))
         return pb.CloseSessionResponse()

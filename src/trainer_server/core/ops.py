@@ -21,22 +21,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import torch
 
-from trainer_proto import pb
 from trainer_server import _export
 from trainer_server._batch import Batch, shard_bounds
 from trainer_server._cluster import Cluster, ClusterFailure
 from trainer_server._engine import AdamSettings, SessionModel
-from trainer_server._errors import ServiceError
 from trainer_server._models import BaseModel, load_base_model
 from trainer_server._sampling import Sample as SampleOut
 from trainer_server._sampling import SamplingSettings, generate
+from trainer_server.core.errors import ErrorCode, ServiceError
+from trainer_server.core.types import LoraSpec
 
 __all__ = [
     "Backward",
@@ -84,7 +84,7 @@ class CreateSession(Op):
 
     session_id: str
     base_model: str
-    lora: bytes | None  # a serialised pb.LoraConfig
+    lora: LoraSpec | None
     seed: int
 
 
@@ -191,6 +191,21 @@ class Engine:
         """Forward graphs waiting for their gradient, by handle."""
         self.snapshots: dict[str, _export.Snapshot] = {}
         """Rank 0: checkpoint contents taken by :class:`SaveCheckpoint`, by directory, until written."""
+        self._handlers: dict[type[Op], Callable[[Any], Any]] = {
+            Hello: self._hello,
+            Ping: self._nothing,
+            Shutdown: self._nothing,
+            CreateSession: self._create_session,
+            ResumeSession: self._resume_session,
+            CloseSession: self._close_session,
+            Forward: self._forward,
+            Backward: self._backward,
+            Release: self._release,
+            OptimStep: self._optim_step,
+            SaveCheckpoint: self._save_checkpoint,
+            Sample: self._sample,
+        }
+        """Each operation's handler: the one place that says what runs an op."""
 
     # ---- rank 0 ----------------------------------------------------------------------
 
@@ -211,7 +226,7 @@ class Engine:
         result: Any = None
         error: BaseException | None = None
         try:
-            result = getattr(self, f"_{type(op).__name__}")(op)
+            result = self._handlers[type(op)](op)
         except ClusterFailure:
             raise
         except Exception as exc:  # reported to rank 0 below; a worker must keep serving
@@ -225,7 +240,7 @@ class Engine:
             raise error
         for rank, (_, problem) in enumerate(outcomes):
             if problem is not None:
-                raise ServiceError(grpc.StatusCode.INTERNAL, f"rank {rank} failed in {type(op).__name__}: {problem}")
+                raise ServiceError(ErrorCode.INTERNAL, f"rank {rank} failed in {type(op).__name__}: {problem}")
         if isinstance(op, Forward | Hello):
             return [r for r, _ in outcomes]
         return result
@@ -233,16 +248,13 @@ class Engine:
     def _session(self, session_id: str) -> SessionModel:
         return self.sessions[session_id]
 
-    def _Hello(self, op: Hello) -> tuple[str, int]:
+    def _hello(self, op: Hello) -> tuple[str, int]:
         return str(self.cluster.device), os.getpid()
 
-    def _Ping(self, op: Ping) -> None:
+    def _nothing(self, op: Op) -> None:
         return None
 
-    def _Shutdown(self, op: Shutdown) -> None:
-        return None
-
-    def _new_session(self, base_model: str, lora: pb.LoraConfig | None, seed: int) -> SessionModel:
+    def _new_session(self, base_model: str, lora: LoraSpec | None, seed: int) -> SessionModel:
         state = SessionModel(self.models[base_model], lora, seed, fsdp=self.cluster.fsdp, device=self.cluster.device)
         if state.sharded:
             local = sum(p.to_local().numel() for p in state.model.parameters())
@@ -254,13 +266,12 @@ class Engine:
             )
         return state
 
-    def _CreateSession(self, op: CreateSession) -> tuple[int, int]:
-        lora = None if op.lora is None else pb.LoraConfig.FromString(op.lora)
-        state = self._new_session(op.base_model, lora, op.seed)
+    def _create_session(self, op: CreateSession) -> tuple[int, int]:
+        state = self._new_session(op.base_model, op.lora, op.seed)
         self.sessions[op.session_id] = state
         return state.num_trainable, state.num_total
 
-    def _ResumeSession(self, op: ResumeSession) -> None:
+    def _resume_session(self, op: ResumeSession) -> None:
         directory = Path(op.directory)
         info, lora = _export.read_state_info(directory)
         state = self._new_session(op.base_model, lora, int(info["seed"]))
@@ -268,10 +279,10 @@ class Engine:
         state.last_base = str(info.get("last_base", ""))
         self.sessions[op.session_id] = state
 
-    def _CloseSession(self, op: CloseSession) -> None:
+    def _close_session(self, op: CloseSession) -> None:
         self.sessions.pop(op.session_id, None)
 
-    def _Forward(self, op: Forward) -> torch.Tensor:
+    def _forward(self, op: Forward) -> torch.Tensor:
         state = self._session(op.session_id)
         lengths = op.batch.lengths
         start, stop = shard_bounds(lengths, self.cluster.world_size)[self.cluster.rank]
@@ -286,22 +297,22 @@ class Engine:
             return torch.zeros(0, dtype=torch.float32)
         return logprobs.detach().to("cpu") if self.cluster.distributed else logprobs.detach()
 
-    def _Backward(self, op: Backward) -> None:
+    def _backward(self, op: Backward) -> None:
         held = self.held.pop(op.handle)
         if held.logprobs is not None:
             grad = torch.zeros_like(held.logprobs) if held.stand_in else op.grad[held.start : held.stop]
             self._session(op.session_id).backward(held.logprobs, grad)
 
-    def _Release(self, op: Release) -> None:
+    def _release(self, op: Release) -> None:
         self.held.pop(op.handle, None)
 
-    def _OptimStep(self, op: OptimStep) -> tuple[int, float]:
+    def _optim_step(self, op: OptimStep) -> tuple[int, float]:
         state = self._session(op.session_id)
         if self.cluster.distributed and not state.sharded:  # FSDP's backward already summed them
             state.sum_gradients(self.cluster.all_reduce_sum_)
         return state.optim_step(op.settings)
 
-    def _SaveCheckpoint(self, op: SaveCheckpoint) -> int | None:
+    def _save_checkpoint(self, op: SaveCheckpoint) -> int | None:
         state = self._session(op.session_id)
         keep = self.cluster.rank == 0
         if not (keep or state.sharded):
@@ -316,7 +327,7 @@ class Engine:
                 self.snapshots[op.directory] = snapshot
         return state.step
 
-    def _Sample(self, op: Sample) -> tuple[list[SampleOut], torch.Tensor] | None:
+    def _sample(self, op: Sample) -> tuple[list[SampleOut], torch.Tensor] | None:
         state = self._session(op.session_id)
         if self.cluster.rank != 0 and not state.sharded:
             return None
