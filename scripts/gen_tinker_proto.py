@@ -2,7 +2,7 @@
 
 Usage: ``python scripts/gen_tinker_proto.py [--out DIR]``
 
-The schema (``src/trainer_server/tinker/wire/tinker_wire.proto``) copies the SDK's
+The schema (``src/trainer_server/frontends/tinker/wire/tinker_wire.proto``) copies the SDK's
 package, names and field numbers; it is not our API, so it is generated apart from
 ``proto/`` (``scripts/gen_protos.py``) and kept out of ``buf lint``.
 ``tests/test_tinker_wire.py`` regenerates into a temporary directory and fails when the
@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WIRE_DIR = ROOT / "src" / "trainer_server" / "tinker" / "wire"
+WIRE_DIR = ROOT / "src" / "trainer_server" / "frontends" / "tinker" / "wire"
 PROTO = "tinker_wire.proto"
 OUTPUTS = ("tinker_wire_pb2.py", "tinker_wire_pb2.pyi")
 

@@ -24,11 +24,11 @@ import zstandard
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
-from trainer_server._auth import owner_id  # noqa: E402
-from trainer_server.tinker import TinkerConfig, TinkerFrontEnd  # noqa: E402
-from trainer_server.tinker import backend as be  # noqa: E402
-from trainer_server.tinker.serving import TinkerHTTPServer  # noqa: E402
-from trainer_server.tinker.wire import tinker_wire_pb2 as wire  # noqa: E402
+from trainer_server.frontends.grpc_auth import owner_id  # noqa: E402
+from trainer_server.frontends.tinker import TinkerConfig, TinkerFrontEnd  # noqa: E402
+from trainer_server.frontends.tinker import backend as be  # noqa: E402
+from trainer_server.frontends.tinker.serving import TinkerHTTPServer  # noqa: E402
+from trainer_server.frontends.tinker.wire import tinker_wire_pb2 as wire  # noqa: E402
 
 KEY_A = "tml-key-a"
 KEY_B = "tml-key-b"

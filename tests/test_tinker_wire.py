@@ -19,11 +19,11 @@ from tinker import types  # noqa: E402
 from tinker.proto.request_conv import forward_backward_request_to_proto  # noqa: E402
 from tinker.proto.response_conv import deserialize_forward_backward_output, deserialize_sample_response  # noqa: E402
 
-from trainer_server.tinker import backend as be  # noqa: E402
-from trainer_server.tinker import encoding  # noqa: E402
-from trainer_server.tinker.errors import BadRequest, Conflict, SeqGapError  # noqa: E402
-from trainer_server.tinker.ordering import SeqOrder  # noqa: E402
-from trainer_server.tinker.paths import TinkerPath  # noqa: E402
+from trainer_server.frontends.tinker import backend as be  # noqa: E402
+from trainer_server.frontends.tinker import encoding  # noqa: E402
+from trainer_server.frontends.tinker.errors import BadRequest, Conflict, SeqGapError  # noqa: E402
+from trainer_server.frontends.tinker.ordering import SeqOrder  # noqa: E402
+from trainer_server.frontends.tinker.paths import TinkerPath  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
-from trainer_server.tinker import backend
+from trainer_server.frontends.tinker import backend
 
 __all__ = [
     "BadRequest",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from trainer_server.tinker import backend
-from trainer_server.tinker.errors import HTTPError, NotFound
-from trainer_server.tinker.ordering import SeqOrder
+from trainer_server.frontends.tinker import backend
+from trainer_server.frontends.tinker.errors import HTTPError, NotFound
+from trainer_server.frontends.tinker.ordering import SeqOrder
 
 __all__ = ["Registry", "Sampler", "Session", "SessionFinished", "TrainingModel"]
 

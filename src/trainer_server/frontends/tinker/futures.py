@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from trainer_server.tinker.errors import NotFound
+from trainer_server.frontends.tinker.errors import NotFound
 
 __all__ = ["FutureStore", "Pending", "Reply"]
 

@@ -3,7 +3,7 @@
 A Tinker user points an unmodified loop at this server by changing ``base_url`` and the
 API key. The app speaks Tinker's protocol (``/api/v1/...``, ``X-API-Key``, JSON and
 protobuf bodies, request ids polled through ``retrieve_future``) and does all domain work
-through one :class:`~trainer_server.tinker.backend.TinkerBackend`, the same core the gRPC
+through one :class:`~trainer_server.frontends.tinker.backend.TinkerBackend`, the same core the gRPC
 API uses. Route table, encodings and known differences: docs/TINKER.md.
 
 Invariants:
@@ -36,10 +36,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from trainer_server._auth import owner_id
-from trainer_server.tinker import backend, encoding, schema
-from trainer_server.tinker.downloads import UrlSigner
-from trainer_server.tinker.errors import (
+from trainer_server.frontends.grpc_auth import owner_id
+from trainer_server.frontends.tinker import backend, encoding, schema
+from trainer_server.frontends.tinker.downloads import UrlSigner
+from trainer_server.frontends.tinker.errors import (
     BadRequest,
     Conflict,
     HTTPError,
@@ -50,10 +50,10 @@ from trainer_server.tinker.errors import (
     error_category,
     from_backend,
 )
-from trainer_server.tinker.futures import FutureStore, Pending, Reply
-from trainer_server.tinker.ordering import SeqOrder
-from trainer_server.tinker.paths import TinkerPath, model_id, new_session_id, parse_model_id, sampler_id
-from trainer_server.tinker.sessions import Registry, Sampler, Session, TrainingModel
+from trainer_server.frontends.tinker.futures import FutureStore, Pending, Reply
+from trainer_server.frontends.tinker.ordering import SeqOrder
+from trainer_server.frontends.tinker.paths import TinkerPath, model_id, new_session_id, parse_model_id, sampler_id
+from trainer_server.frontends.tinker.sessions import Registry, Sampler, Session, TrainingModel
 
 __all__ = ["TinkerConfig", "TinkerFrontEnd"]
 

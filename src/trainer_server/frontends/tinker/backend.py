@@ -1,6 +1,6 @@
 """The one interface the Tinker front end calls: domain work, no HTTP and no Tinker ids.
 
-The front end (``trainer_server.tinker.app``) owns everything Tinker-specific: session,
+The front end (``trainer_server.frontends.tinker.app``) owns everything Tinker-specific: session,
 model and request ids, ``seq_id`` ordering, the two-phase futures, encodings and
 ``tinker://`` paths. It calls the server's core only through :class:`TinkerBackend`, with
 the domain types below; the server implements the protocol over the same core the gRPC

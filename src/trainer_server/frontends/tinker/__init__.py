@@ -5,7 +5,7 @@
 See docs/TINKER.md.
 """
 
-from trainer_server.tinker.app import TinkerConfig, TinkerFrontEnd
-from trainer_server.tinker.backend import TinkerBackend
+from trainer_server.frontends.tinker.app import TinkerConfig, TinkerFrontEnd
+from trainer_server.frontends.tinker.backend import TinkerBackend
 
 __all__ = ["TinkerBackend", "TinkerConfig", "TinkerFrontEnd"]

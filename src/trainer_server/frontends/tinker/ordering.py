@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from trainer_server.tinker.errors import BadRequest, Conflict, SeqGapError
+from trainer_server.frontends.tinker.errors import BadRequest, Conflict, SeqGapError
 
 __all__ = ["SeqOrder"]
 

@@ -20,9 +20,9 @@ import numpy.typing as npt
 import zstandard
 from google.protobuf.message import DecodeError
 
-from trainer_server.tinker import backend
-from trainer_server.tinker.errors import BadRequest, PayloadTooLarge
-from trainer_server.tinker.wire import tinker_wire_pb2 as wire
+from trainer_server.frontends.tinker import backend
+from trainer_server.frontends.tinker.errors import BadRequest, PayloadTooLarge
+from trainer_server.frontends.tinker.wire import tinker_wire_pb2 as wire
 
 __all__ = [
     "ForwardBackwardCall",

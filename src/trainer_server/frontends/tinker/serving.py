@@ -16,7 +16,7 @@ from collections.abc import Generator
 
 import uvicorn
 
-from trainer_server.tinker.app import TinkerFrontEnd
+from trainer_server.frontends.tinker.app import TinkerFrontEnd
 
 __all__ = ["TinkerHTTPServer"]
 

@@ -13,7 +13,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trainer_server.tinker.errors import BadRequest
+from trainer_server.frontends.tinker.errors import BadRequest
 
 __all__ = [
     "AdamParamsBody",

@@ -21,7 +21,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Literal
 
-from trainer_server.tinker.errors import BadRequest
+from trainer_server.frontends.tinker.errors import BadRequest
 
 __all__ = [
     "CheckpointKind",
