@@ -83,7 +83,7 @@ def test_sft_loop_like_cookbook_sl_loop(running: Running) -> None:
     training_client = service_client.create_lora_training_client(base_model=LLAMA, rank=8).result()
     tokenizer = training_client.get_tokenizer()
     batch = [sft_datum(tokenizer, p, c) for p, c in PAIRS]
-    n_steps, learning_rate = 6, 3e-3
+    n_steps, learning_rate = 6, 1e-2
     nlls = []
     for step in range(n_steps):
         lr = learning_rate * max(0.0, 1.0 - step / n_steps)

@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     parser.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain: serve TLS")
     parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key for --tls-cert")
     parser.add_argument(
+        "--tinker-port",
+        type=int,
+        default=None,
+        help="also serve the Tinker HTTP API (the official tinker SDK) on this port (0 picks one; see docs/TINKER.md)",
+    )
+    parser.add_argument(
         "--torch-threads",
         type=int,
         default=None,
@@ -135,6 +141,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             cluster_timeout_s=args.cluster_timeout,
             heartbeat_s=min(ServerConfig.heartbeat_s, args.cluster_timeout / 3),
             tune_allocator=not args.keep_allocator_defaults,
+            tinker_port=args.tinker_port,
         )
     except ValueError as exc:  # a limit or setting out of range
         parser.error(str(exc))

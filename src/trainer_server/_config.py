@@ -82,6 +82,9 @@ class ServerConfig:
             collective (for a slow or lost peer) before the server gives up on it.
         tune_allocator: keep freed memory for reuse (glibc's mmap and trim thresholds,
             process-wide, see :mod:`trainer_proto.alloc`); False leaves the C allocator alone.
+        tinker_port: also serve the Tinker HTTP API (the official ``tinker`` SDK) on this
+            port of ``host``, over the same core, keys and checkpoints; 0 picks a free one
+            (see ``TrainerServer.tinker_port``); None (default) serves gRPC only.
     """
 
     models: dict[str, Path] = field(default_factory=dict)
@@ -100,12 +103,15 @@ class ServerConfig:
     heartbeat_s: float = 10.0
     cluster_timeout_s: float = 1800.0
     tune_allocator: bool = True
+    tinker_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ServerConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"ServerConfig.port must be in [0, 65535], got {self.port}")
+        if self.tinker_port is not None and not 0 <= self.tinker_port < 65536:
+            raise ValueError(f"ServerConfig.tinker_port must be in [0, 65535] or None, got {self.tinker_port}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("ServerConfig.tls_cert and tls_key go together: set both or neither")
         if self.keepalive_time_s <= 0:

@@ -17,6 +17,7 @@ import asyncio
 import logging
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +30,9 @@ from trainer_server.core.ops import serve_worker
 from trainer_server.core.service import TrainingCore
 from trainer_server.frontends.grpc_auth import ApiKeyInterceptor
 from trainer_server.frontends.grpc_servicer import TrainerServicer
+
+if TYPE_CHECKING:
+    from trainer_server.frontends.tinker.serving import TinkerHTTPServer
 
 __all__ = ["SERVICE_NAME", "TrainerServer", "model_paths", "run_worker"]
 
@@ -108,6 +112,7 @@ class TrainerServer:
         self._server: grpc.aio.Server | None = None
         self._health = health.aio.HealthServicer()
         self._port: int | None = None
+        self._tinker: TinkerHTTPServer | None = None
 
     @property
     def port(self) -> int:
@@ -115,6 +120,13 @@ class TrainerServer:
         if self._port is None:
             raise RuntimeError("the server is not started")
         return self._port
+
+    @property
+    def tinker_port(self) -> int:
+        """The bound port of the Tinker HTTP API (``ServerConfig.tinker_port``)."""
+        if self._tinker is None:
+            raise RuntimeError("the Tinker HTTP API is not served (ServerConfig.tinker_port is None) or not started")
+        return self._tinker.port
 
     @property
     def address(self) -> str:
@@ -163,6 +175,12 @@ class TrainerServer:
             raise OSError(f"could not bind {self.config.host}:{self.config.port}")
         await server.start()
         self._server = server
+        if self.config.tinker_port is not None:
+            try:
+                await self._start_tinker(self.core)
+            except BaseException:
+                await self.stop(0)
+                raise
         log.info(
             "listening on %s%s%s (health NOT_SERVING while models load)",
             self.address,
@@ -177,6 +195,25 @@ class TrainerServer:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.core.models), self.address)
 
+    async def _start_tinker(self, core: TrainingCore) -> None:
+        """Serve the Tinker HTTP API over the same core (models may still be loading)."""
+        # Imported here: a gRPC-only server needs no HTTP stack.
+        from trainer_server.frontends.tinker import TinkerConfig, TinkerFrontEnd
+        from trainer_server.frontends.tinker.core_backend import CoreBackend
+        from trainer_server.frontends.tinker.serving import TinkerHTTPServer
+
+        assert self.config.tinker_port is not None
+        front_end = TinkerFrontEnd(
+            CoreBackend(core),
+            TinkerConfig(
+                api_keys=self.config.api_keys,
+                max_body_bytes=self.config.limits.max_message_bytes,
+                gap_timeout_s=self.config.sequence_gap_timeout_s,
+            ),
+        )
+        self._tinker = TinkerHTTPServer(front_end, self.config.host, self.config.tinker_port)
+        await self._tinker.start()
+
     async def stop(self, grace_s: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish for ``grace_s``, then close."""
         if self._server is None:
@@ -184,6 +221,9 @@ class TrainerServer:
         await self._health.enter_graceful_shutdown()
         grace = self.config.shutdown_grace_s if grace_s is None else grace_s
         log.info("shutting down (grace %.1fs)", grace)
+        if self._tinker is not None:
+            await self._tinker.stop()
+            self._tinker = None
         await self._server.stop(grace)
         self._server = None
         if self.core is not None:

@@ -1,0 +1,433 @@
+"""The Tinker front end's backend over the server's core: the same sessions, limits, keys and checkpoints.
+
+Each Tinker training model is one core session. The front end already runs a model's
+calls one at a time in Tinker's ``seq_id`` order, so this adapter numbers the core calls
+of a session 1, 2, 3 ... in the order it makes them (the core's own sequencing then sees
+a gap-free order); Tinker's ids never reach the core.
+
+Mappings (see docs/TINKER.md):
+- LoRA ``train_attn`` / ``train_mlp`` / ``train_unembed`` become target modules: the
+  model's linear layers under attention blocks, under MLP blocks, and its output layer.
+  All three (Tinker's default) is the core's default (every linear layer).
+- Sampler weights are STATE checkpoints (exact weights: sampled logprobs equal training
+  logprobs); ephemeral ones are deleted when their model closes.
+- Sampling from a base model runs on a hidden LoRA session of the owner (LoRA starts as
+  the identity, so it is the base model exactly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from trainer_server._export import read_state_info
+from trainer_server._sampling import SamplingSettings
+from trainer_server.core.errors import ErrorCode, ServiceError
+from trainer_server.core.service import TrainingCore
+from trainer_server.core.types import CallRef, RawDatum, SessionSpec
+from trainer_server.core.types import LoraSpec as CoreLora
+from trainer_server.frontends.tinker import backend as be
+
+__all__ = ["CoreBackend"]
+
+log = logging.getLogger(__name__)
+
+_ERRORS: dict[ErrorCode, type[be.BackendError]] = {
+    ErrorCode.INVALID_ARGUMENT: be.InvalidInput,
+    ErrorCode.OUT_OF_RANGE: be.InvalidInput,
+    ErrorCode.FAILED_PRECONDITION: be.InvalidInput,
+    ErrorCode.NOT_FOUND: be.NotFound,
+    ErrorCode.ALREADY_EXISTS: be.Conflict,
+    ErrorCode.ABORTED: be.Conflict,
+    ErrorCode.RESOURCE_EXHAUSTED: be.LimitExceeded,
+    ErrorCode.UNAVAILABLE: be.Unavailable,
+}
+
+
+@dataclass
+class _Live:
+    session_id: str
+    owner: str
+    info: be.ModelInfo
+    seq: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    ephemeral: list[str] = field(default_factory=list)
+
+
+class CoreBackend:
+    """:class:`~trainer_server.tinker.backend.TinkerBackend` over a :class:`TrainingCore`."""
+
+    def __init__(self, core: TrainingCore) -> None:
+        self.core = core
+        self._live: dict[str, _Live] = {}
+        self._base_sessions: dict[tuple[str, str], _Live] = {}
+        self._base_lock = asyncio.Lock()
+        self._ephemeral = itertools.count()
+
+    # ---- errors ---------------------------------------------------------------------
+
+    @staticmethod
+    def _translate(exc: ServiceError) -> be.BackendError:
+        return _ERRORS.get(exc.code, be.BackendError)(exc.message)
+
+    # ---- models ---------------------------------------------------------------------
+
+    def base_models(self) -> Sequence[be.BaseModelInfo]:
+        """See :meth:`TinkerBackend.base_models`."""
+        out = []
+        for summary in self.core.server_summary().models:
+            path = self.core.model(summary.name).path
+            out.append(
+                be.BaseModelInfo(
+                    summary.name, summary.max_sequence_length, summary.vocab_size, summary.architecture, str(path)
+                )
+            )
+        return out
+
+    def ready(self) -> bool:
+        """See :meth:`TinkerBackend.ready`."""
+        return bool(self.core.ready)
+
+    def _live_of(self, model: be.ModelHandle) -> _Live:
+        live = self._live.get(model.key)
+        if live is None:
+            raise be.NotFound("the model was closed")
+        return live
+
+    def _call(self, live: _Live) -> CallRef:
+        return CallRef(live.owner, live.session_id, next(live.seq))
+
+    def _targets(self, base_model: str, lora: be.LoraSpec) -> tuple[str, ...]:
+        if lora.train_attn and lora.train_mlp and lora.train_unembed:
+            return ()
+        model = self.core.model(base_model).model
+        out_layer = model.get_output_embeddings()
+        names: list[str] = []
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear):
+                continue
+            parts = name.lower().split(".")
+            if module is out_layer:
+                wanted = lora.train_unembed
+            elif any("attn" in p or "attention" in p for p in parts):
+                wanted = lora.train_attn
+            elif any("mlp" in p or "feed_forward" in p or "ffn" in p for p in parts):
+                wanted = lora.train_mlp
+            else:
+                wanted = False
+            if wanted:
+                names.append(name)
+        if not names:
+            raise be.InvalidInput(f"no layers of {base_model!r} match train_attn/train_mlp/train_unembed as given")
+        return tuple(names)
+
+    async def create_model(self, owner: str, spec: be.ModelSpec) -> be.ModelHandle:
+        """See :meth:`TinkerBackend.create_model`."""
+        lora = None
+        if spec.lora is not None:
+            try:
+                lora = CoreLora(spec.lora.rank, 0.0, self._targets(spec.base_model, spec.lora))
+            except ServiceError as exc:
+                raise self._translate(exc) from None
+        try:
+            session = await self.core.create_session(owner, SessionSpec(spec.base_model, lora, spec.seed or 0))
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        self._live[session.id] = _Live(session.id, owner, be.ModelInfo(spec.base_model, spec.lora))
+        return be.ModelHandle(session.id)
+
+    async def load_model(self, owner: str, checkpoint: str, *, with_optimizer: bool) -> be.ModelHandle:
+        """See :meth:`TinkerBackend.load_model`."""
+        if not with_optimizer:
+            raise be.InvalidInput(
+                "loading weights without the optimizer state is not supported by this server yet; "
+                "use create_training_client_from_state_with_optimizer"
+            )
+        try:
+            session = await self.core.resume_session(owner, checkpoint)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        info = self.checkpoint(owner, checkpoint)
+        self._live[session.id] = _Live(session.id, owner, be.ModelInfo(info.base_model, info.lora))
+        return be.ModelHandle(session.id)
+
+    def model_info(self, model: be.ModelHandle) -> be.ModelInfo:
+        """See :meth:`TinkerBackend.model_info`."""
+        return self._live_of(model).info
+
+    def keep_alive(self, model: be.ModelHandle) -> None:
+        """See :meth:`TinkerBackend.keep_alive`."""
+        live = self._live.get(model.key)
+        if live is not None:
+            with contextlib.suppress(ServiceError):  # a closed session has nothing to renew
+                self.core.session(live.session_id, live.owner)
+
+    async def close_model(self, model: be.ModelHandle) -> None:
+        """See :meth:`TinkerBackend.close_model`."""
+        live = self._live.pop(model.key, None)
+        if live is None:
+            return
+        try:
+            await self.core.close_session(self._call(live))
+        except ServiceError as exc:
+            log.info("closing session %s: %s", live.session_id, exc.message)
+        store = self.core.checkpoint_store(live.owner)
+        for name in live.ephemeral:
+            if store.exists(name):
+                await asyncio.to_thread(store.delete, name)
+
+    # ---- training -------------------------------------------------------------------
+
+    async def forward_backward(
+        self, model: be.ModelHandle, data: Sequence[be.TrainDatum], loss: be.LossSpec, *, backward: bool
+    ) -> be.ForwardBackwardResult:
+        """See :meth:`TinkerBackend.forward_backward`."""
+        live = self._live_of(model)
+        raw = [
+            RawDatum(
+                torch.from_numpy(d.tokens), {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in d.inputs.items()}
+            )
+            for d in data
+        ]
+        try:
+            if backward:
+                result = await self.core.forward_backward(self._call(live), raw, loss.name, loss.config)
+                logprobs = _split(result.logprobs, result.lengths)
+                if result.elementwise_loss is not None:
+                    elementwise = _split(result.elementwise_loss, result.lengths)
+                else:
+                    elementwise = [np.zeros_like(lp) for lp in logprobs]
+                metrics = {**result.metrics, "loss:sum": result.loss}
+            else:
+                fwd = await self.core.forward(self._call(live), raw)
+                logprobs = _split(fwd.logprobs, fwd.lengths)
+                elementwise, metrics = _forward_loss(loss, data, logprobs)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        outputs = [{"logprobs": lp, "elementwise_loss": el} for lp, el in zip(logprobs, elementwise, strict=True)]
+        return be.ForwardBackwardResult(outputs, metrics)
+
+    async def optim_step(self, model: be.ModelHandle, adam: be.AdamSettings) -> be.OptimResult:
+        """See :meth:`TinkerBackend.optim_step`."""
+        live = self._live_of(model)
+        params = {
+            "learning_rate": adam.learning_rate,
+            "beta1": adam.beta1,
+            "beta2": adam.beta2,
+            "eps": adam.eps,
+            "weight_decay": adam.weight_decay,
+            "grad_clip_norm": adam.grad_clip_norm,
+        }
+        try:
+            result = await self.core.optim_step(self._call(live), params)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        return be.OptimResult(result.step, {"grad_norm:mean": result.grad_norm, "step:max": float(result.step)})
+
+    async def _save(self, live: _Live, name: str, kind: str, dtype: str = "") -> be.CheckpointInfo:
+        try:
+            await self.core.save_checkpoint(self._call(live), name, kind, dtype)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        return self.checkpoint(live.owner, name)
+
+    async def save_state(self, model: be.ModelHandle, name: str) -> be.CheckpointInfo:
+        """See :meth:`TinkerBackend.save_state`."""
+        return await self._save(self._live_of(model), name, "state")
+
+    async def save_sampler_weights(self, model: be.ModelHandle, name: str | None) -> str:
+        """See :meth:`TinkerBackend.save_sampler_weights`."""
+        live = self._live_of(model)
+        if name is None:
+            name = f"{live.session_id}.ephemeral-sampler-{next(self._ephemeral)}"
+            live.ephemeral.append(name)
+        await self._save(live, name, "state")
+        return name
+
+    async def save_external(self, model: be.ModelHandle, name: str) -> be.CheckpointInfo:
+        """See :meth:`TinkerBackend.save_external`."""
+        return await self._save(self._live_of(model), name, "base")
+
+    async def load_state(self, model: be.ModelHandle, checkpoint: str, *, with_optimizer: bool) -> None:
+        """See :meth:`TinkerBackend.load_state`."""
+        raise be.InvalidInput(
+            "load_state into an existing training client is not supported by this server yet; "
+            "use create_training_client_from_state_with_optimizer"
+        )
+
+    # ---- sampling -------------------------------------------------------------------
+
+    async def _base_session(self, owner: str, base_model: str) -> _Live:
+        async with self._base_lock:
+            live = self._base_sessions.get((owner, base_model))
+            if live is None:
+                try:
+                    session = await self.core.create_session(owner, SessionSpec(base_model, CoreLora(1), 0))
+                except ServiceError as exc:
+                    raise self._translate(exc) from None
+                live = _Live(session.id, owner, be.ModelInfo(base_model, None))
+                self._base_sessions[(owner, base_model)] = live
+            return live
+
+    async def sample(
+        self,
+        owner: str,
+        source: str,
+        prompt: Any,
+        num_samples: int,
+        spec: be.SampleSpec,
+        *,
+        prompt_logprobs: bool,
+        topk_prompt_logprobs: int,
+    ) -> be.SampleResult:
+        """See :meth:`TinkerBackend.sample`."""
+        if topk_prompt_logprobs:
+            raise be.InvalidInput("topk_prompt_logprobs is not supported by this server yet")
+        limits = self.core.config.limits
+        prompt_t = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
+
+        def prepare(base: Any) -> tuple[torch.Tensor, SamplingSettings]:
+            checked = self.core.validate_prompt(prompt_t, base)
+            return checked, _settings(spec, num_samples, len(checked), base, limits.max_samples_per_call)
+
+        try:
+            if any(m.name == source for m in self.core.server_summary().models):
+                live = await self._base_session(owner, source)
+                samples, plp = await self.core.sample(self._call(live), prepare)
+            else:
+                samples, plp = await self.core.sample_checkpoint(owner, source, prepare)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        sequences = [
+            be.SampledSequence(
+                np.asarray(s.tokens, dtype=np.int64),
+                np.asarray(s.logprobs, dtype=np.float32),
+                "stop" if s.finish_reason == "stop" else "length",
+            )
+            for s in samples
+        ]
+        lp = None
+        if prompt_logprobs:
+            lp = np.concatenate([[np.nan], plp.numpy().astype(np.float32)]).astype(np.float32)
+        return be.SampleResult(sequences, lp)
+
+    # ---- checkpoints ----------------------------------------------------------------
+
+    def _info(self, owner: str, manifest: Any) -> be.CheckpointInfo:
+        lora: be.LoraSpec | None = None
+        if manifest.kind == "state":
+            _, core_lora = read_state_info(self.core.checkpoint_store(owner).path(manifest.name))
+            lora = None if core_lora is None else _tinker_lora(core_lora)
+        kind: Literal["state", "external"] = "state" if manifest.kind == "state" else "external"
+        return be.CheckpointInfo(
+            manifest.name, kind, manifest.created_at, manifest.total_bytes, manifest.base_model, lora
+        )
+
+    def list_checkpoints(self, owner: str) -> Sequence[be.CheckpointInfo]:
+        """See :meth:`TinkerBackend.list_checkpoints`."""
+        return [self._info(owner, m) for m in self.core.checkpoint_store(owner).all()]
+
+    def checkpoint(self, owner: str, name: str) -> be.CheckpointInfo:
+        """See :meth:`TinkerBackend.checkpoint`."""
+        try:
+            return self._info(owner, self.core.checkpoint_store(owner).manifest(name))
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+
+    async def delete_checkpoint(self, owner: str, name: str) -> None:
+        """See :meth:`TinkerBackend.delete_checkpoint`."""
+        try:
+            await asyncio.to_thread(self.core.checkpoint_store(owner).delete, name)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+
+    def checkpoint_files(self, owner: str, name: str) -> Sequence[be.CheckpointFile]:
+        """See :meth:`TinkerBackend.checkpoint_files`."""
+        store = self.core.checkpoint_store(owner)
+        try:
+            manifest = store.manifest(name)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
+        root = store.path(name)
+        return [be.CheckpointFile(f.path, f.size, root / f.path) for f in manifest.files]
+
+
+def _tinker_lora(lora: CoreLora) -> be.LoraSpec:
+    """Tinker's view of a core LoRA spec (no target list: every layer)."""
+    names = [m.lower() for m in lora.target_modules]
+    if not names:
+        return be.LoraSpec(lora.rank)
+    return be.LoraSpec(
+        lora.rank,
+        train_mlp=any("mlp" in n or ("proj" in n and ("gate" in n or "up" in n or "down" in n)) for n in names),
+        train_attn=any("attn" in n or "attention" in n for n in names),
+        train_unembed=any("lm_head" in n for n in names),
+    )
+
+
+def _tensor(array: Any) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _split(flat: torch.Tensor, lengths: Sequence[int]) -> list[np.ndarray]:
+    values = flat.detach().to(torch.float32).cpu().numpy()
+    ends = np.cumsum(lengths)
+    return [values[e - n : e] for e, n in zip(ends, lengths, strict=True)]
+
+
+def _forward_loss(
+    loss: be.LossSpec, data: Sequence[be.TrainDatum], logprobs: list[np.ndarray]
+) -> tuple[list[np.ndarray], dict[str, float]]:
+    """A forward-only call's cross-entropy terms (what Tinker reports for ``forward``)."""
+    elementwise = []
+    for d, lp in zip(data, logprobs, strict=True):
+        w = np.asarray(d.inputs.get("weights", np.ones_like(lp)), dtype=np.float32)
+        elementwise.append((-w * lp).astype(np.float32) if loss.name == "cross_entropy" else np.zeros_like(lp))
+    return elementwise, {"loss:sum": float(sum(e.sum() for e in elementwise))}
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(path: str) -> Any:
+    """A base model's tokenizer (for stop strings), loaded once."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _settings(spec: be.SampleSpec, n: int, prompt_len: int, base: Any, max_samples: int) -> SamplingSettings:
+    if n > max_samples:
+        raise ServiceError(
+            ErrorCode.RESOURCE_EXHAUSTED, f"num_samples {n} is over the limit max_samples_per_call={max_samples}"
+        )
+    room = base.max_sequence_length - prompt_len
+    if not 1 <= spec.max_tokens <= room:
+        raise ServiceError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"max_tokens must be in [1, {room}] for a {prompt_len}-token prompt "
+            f"(model maximum length {base.max_sequence_length}), got {spec.max_tokens}",
+        )
+    if not (math.isfinite(spec.temperature) and spec.temperature >= 0):
+        raise ServiceError(ErrorCode.INVALID_ARGUMENT, f"temperature must be >= 0, got {spec.temperature}")
+    stop = [tuple(int(t) for t in (tok,)) for tok in spec.stop_tokens]
+    if spec.stop_strings:
+        tokenizer = _tokenizer(str(base.path))
+        stop += [tuple(tokenizer.encode(s, add_special_tokens=False)) for s in spec.stop_strings if s]
+    seed = spec.seed if spec.seed is not None else int(np.random.default_rng().integers(0, 2**63 - 1))
+    return SamplingSettings(
+        num_samples=n,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=max(spec.top_k, 0),
+        stop=tuple(s for s in stop if s),
+        seed=seed,
+    )
