@@ -325,3 +325,12 @@ def test_errors_are_sdk_exceptions_and_keys_are_isolated(running: Running) -> No
     np.testing.assert_array_equal(logprobs_of(tc, batch), before)
     a.close("success").result()
     b.close("success").result()
+
+
+def test_cli_flag_reaches_the_config(llama_dir: Path) -> None:
+    from trainer_server.__main__ import parse_args
+
+    assert parse_args(["--model", f"m={llama_dir}", "--tinker-port", "0"]).tinker_port == 0
+    assert parse_args(["--model", f"m={llama_dir}"]).tinker_port is None
+    with pytest.raises(SystemExit):
+        parse_args(["--model", f"m={llama_dir}", "--tinker-port", "70000"])
