@@ -322,6 +322,18 @@ def test_errors_are_sdk_exceptions_and_keys_are_isolated(running: Running) -> No
         headers={"X-API-Key": KEY_A, "Content-Type": "application/x-protobuf"},
     )
     assert bad.status_code == 400
+    reused = httpx.post(
+        f"{running.url}/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 1, "adam_params": {"learning_rate": 1.0}},
+        headers={"X-API-Key": KEY_A},
+    )
+    assert reused.status_code == 409 and "seq_id 1 was already used" in reused.json()["detail"]
+    foreign = httpx.post(
+        f"{running.url}/api/v1/optim_step",
+        json={"model_id": tc.model_id, "seq_id": 99, "adam_params": {"learning_rate": 1.0}},
+        headers={"X-API-Key": KEY_B},
+    )
+    assert foreign.status_code == 404
     np.testing.assert_array_equal(logprobs_of(tc, batch), before)
     a.close("success").result()
     b.close("success").result()
