@@ -176,3 +176,17 @@ async def test_seq_order_runs_in_order_once_and_skips_refusals() -> None:
     with pytest.raises(SeqGapError, match=r"seq_id 6 waited 0\.5 s for seq_id 4"):
         await order.run_in_turn(6, lambda: work(6))
     assert ran == [2, 3] and order.next_seq == 7
+
+
+def test_http_listener_sends_without_nagle_delay() -> None:
+    """asyncio disables Nagle only on sockets whose proto is TCP; without it every response waits ~40 ms."""
+    import socket
+
+    from trainer_server.frontends.tinker.serving import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        sock.close()
