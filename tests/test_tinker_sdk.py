@@ -187,7 +187,7 @@ def test_save_state_and_resume_with_optimizer_equals_uninterrupted(running: Runn
 
 
 @pytest.mark.xfail(
-    strict=True, reason="the core resumes a STATE checkpoint with its optimizer only (lead: with_optimizer)"
+    strict=True, reason="the core resumes a STATE checkpoint only with its optimizer (TrainingCore.resume_session)"
 )
 def test_create_from_state_without_optimizer_starts_fresh_moments(running: Running) -> None:
     service_client = sdk(running)
