@@ -164,6 +164,11 @@ class SessionModel:
         self.step = 0
 
     @property
+    def has_gradients(self) -> bool:
+        """Whether gradients were accumulated since the last optimizer step."""
+        return any(p.grad is not None for p in self.params)
+
+    @property
     def num_trainable(self) -> int:
         """Trainable parameter count."""
         return sum(p.numel() for p in self.params)
