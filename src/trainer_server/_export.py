@@ -248,6 +248,19 @@ def write_adapter(state: SessionModel, out: Path | None) -> None:
         state.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
 
 
+def load_adapter(base: BaseModel, directory: Path, device: torch.device) -> Any:
+    """A PEFT adapter checkpoint laid over the base model's own (shared, frozen) tensors, for sampling."""
+    from peft import PeftModel
+
+    from trainer_server._engine import share_base_copy
+
+    model = PeftModel.from_pretrained(share_base_copy(base.model), str(directory), is_trainable=False)
+    if device != base.device:
+        model.to(device)
+    model.eval()
+    return model
+
+
 def _optimizer_state(state: SessionModel, keep: bool) -> dict[str, Any] | None:
     """AdamW's state dict with whole tensors (parameters by index, as torch numbers them)."""
     if state.optimizer is None:

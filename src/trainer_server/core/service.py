@@ -98,6 +98,8 @@ CAPABILITIES = (
     "sample",
 )
 MAX_LORA_RANK = 1024
+MAX_CACHED_CHECKPOINT_MODELS = 4
+"""Checkpoints kept loaded for sampling (least recently loaded dropped first)."""
 
 
 @functools.cache
@@ -936,7 +938,11 @@ class TrainingCore:
         return await call.commit(apply(), record=True)
 
     async def checkpoint_model(self, name: str, owner: str = "") -> tuple[Any, BaseModel]:
-        """A model with a BASE or STATE checkpoint's weights, for sampling (a few are cached).
+        """A model with a checkpoint's weights, for sampling (a few are cached).
+
+        A BASE loads as a model of its own; a STATE builds its session's model; an ADAPTER
+        (what ``save_weights_for_sampler`` writes for a LoRA session: the adapter alone) is
+        laid over the served base model's own tensors, so it costs only the adapter.
 
         Returns:
             The model and the base model it belongs to.
@@ -946,8 +952,10 @@ class TrainingCore:
         key = (f"{owner}/{manifest.name}", manifest.created_at)
         if key in self._checkpoint_models:
             return self._checkpoint_models[key]
-        if manifest.kind not in ("base", "state"):
-            raise invalid_argument(f"sampling needs a BASE or STATE checkpoint; {name!r} is {manifest.kind.upper()}")
+        if manifest.kind not in ("base", "state", "adapter"):
+            raise invalid_argument(
+                f"sampling needs a BASE, STATE or ADAPTER checkpoint; {name!r} is {manifest.kind.upper()}"
+            )
         base = self.model(manifest.base_model)
         directory = store.path(manifest.name)
         await asyncio.to_thread(store.verify, manifest.name)
@@ -963,8 +971,10 @@ class TrainingCore:
                 return state.model
 
             model = await self.on_device(build)
+        else:
+            model = await self.on_device(_export.load_adapter, base, directory, self.device)
         self._checkpoint_models[key] = (model, base)
-        while len(self._checkpoint_models) > 2:
+        while len(self._checkpoint_models) > MAX_CACHED_CHECKPOINT_MODELS:
             self._checkpoint_models.pop(next(iter(self._checkpoint_models)))
         return model, base
 
