@@ -60,6 +60,7 @@ from trainer_client._types import (
     SampleOutput,
     SamplingParams,
     ServerInfo,
+    SessionInfo,
 )
 
 __all__ = [
@@ -98,6 +99,7 @@ __all__ = [
     "SamplingParams",
     "ServerInfo",
     "ServiceClient",
+    "SessionInfo",
     "TrainerError",
     "TrainingClient",
     "UnauthenticatedError",

@@ -20,6 +20,8 @@ loop (the sync facade runs that loop in a background thread).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import random
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -56,11 +58,14 @@ from trainer_client._types import (
     SampleOutput,
     SamplingParams,
     ServerInfo,
+    SessionInfo,
 )
 from trainer_proto import alloc, options, pb, pb_grpc, wire
 from trainer_proto.checksums import sha256_file
 
 __all__ = ["AsyncServiceClient", "AsyncTrainingClient"]
+
+log = logging.getLogger("trainer_client")
 
 T = TypeVar("T")
 
@@ -202,7 +207,7 @@ class AsyncTrainingClient:
         base_model: the base model's name.
     """
 
-    def __init__(self, service: AsyncServiceClient, response: pb.CreateSessionResponse) -> None:
+    def __init__(self, service: AsyncServiceClient, response: pb.CreateSessionResponse | pb.SessionInfo) -> None:
         self._service = service
         self.session_id = response.session_id
         self.base_model = response.base_model
@@ -214,6 +219,7 @@ class AsyncTrainingClient:
         # The server refuses calls beyond its in-flight limit; hold them back here instead,
         # so a loop may submit as far ahead as it likes.
         self._slots = asyncio.Semaphore(response.max_inflight_calls or 1 << 30)
+        service._lease(self.session_id, response.session_ttl_s)
 
     # ---- sequencing and futures -----------------------------------------------------
 
@@ -478,7 +484,10 @@ class AsyncTrainingClient:
 
         fut = self._submit("close", run)
         self._closed = True
-        await fut
+        try:
+            await fut
+        finally:
+            self._service._release(self.session_id)
 
     async def __aenter__(self) -> AsyncTrainingClient:
         return self
@@ -527,6 +536,64 @@ class AsyncServiceClient:
         api_key = api_key if api_key is not None else os.environ.get("TRAINER_API_KEY")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._tokenizers: dict[str, Any] = {}
+        self._leases: dict[str, float] = {}  # open sessions of this client -> their TTL
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    # ---- leases ----------------------------------------------------------------------
+
+    def _lease(self, session_id: str, ttl_s: float) -> None:
+        """Keep ``session_id`` alive with background heartbeats while this client holds it."""
+        self._leases[session_id] = ttl_s
+        interval = self.config.heartbeat_interval_s
+        if interval == 0 or (interval is None and ttl_s <= 0):
+            return
+        if self._heartbeat is None or self._heartbeat.done():
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="trainer heartbeat")
+
+    def _release(self, session_id: str) -> None:
+        self._leases.pop(session_id, None)
+
+    async def _beat(self) -> None:
+        """Renew the leases of this client's open sessions until none is left."""
+        while self._leases:
+            configured = self.config.heartbeat_interval_s
+            interval = configured if configured else min(ttl for ttl in self._leases.values() if ttl > 0) / 3
+            await asyncio.sleep(interval)
+            ids = list(self._leases)
+            if not ids:
+                return
+            try:
+                response = await self._stub.Heartbeat(
+                    pb.HeartbeatRequest(session_ids=ids), timeout=self.config.unary_timeout_s, metadata=self._metadata
+                )
+            except grpc.aio.AioRpcError as exc:  # the server is away for now: its calls will say so
+                log.debug("heartbeat failed: %s", exc.details())
+                continue
+            for session_id in response.missing_session_ids:
+                log.warning("session %s is no longer open on the server (expired or closed)", session_id)
+                self._leases.pop(session_id, None)
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        """The open sessions of this client's API key on the server, oldest first."""
+        request = pb.ListSessionsRequest()
+        response = await self._unary("ListSessions", request, self.config.unary_timeout_s, retry=True)
+        return [SessionInfo.from_proto(s) for s in response.sessions]
+
+    async def attach_training_client(self, session_id: str) -> AsyncTrainingClient:
+        """Take over a live session by id (e.g. from a crashed process, or after a server restart).
+
+        The new client continues the session's sequence: its first call runs after every
+        call the server has already received for the session.
+        """
+        response = await self._unary(
+            "AttachSession", pb.AttachSessionRequest(session_id=session_id), self.config.unary_timeout_s, retry=True
+        )
+        return AsyncTrainingClient(self, response.session)
+
+    async def end_session(self, session_id: str) -> None:
+        """Close a session by id at once, out of sequence (one a crashed client left open)."""
+        await self._unary("EndSession", pb.EndSessionRequest(session_id=session_id), self.config.unary_timeout_s)
+        self._release(session_id)
 
     async def _with_retry(self, method: str, attempt: Callable[[], Awaitable[T]], *, retry: bool) -> T:
         """Run ``attempt``; on UNAVAILABLE, when ``retry``, again after a jittered backoff."""
@@ -744,7 +811,11 @@ class AsyncServiceClient:
         return await self._with_retry("GetTokenizer", attempt, retry=True)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Stop the heartbeats and close the channel (sessions stay open until their lease ends)."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncServiceClient:

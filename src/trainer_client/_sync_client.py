@@ -33,6 +33,7 @@ from trainer_client._types import (
     SampleOutput,
     SamplingParams,
     ServerInfo,
+    SessionInfo,
 )
 
 __all__ = ["ServiceClient", "TrainingClient"]
@@ -202,6 +203,18 @@ class ServiceClient(_OnPortal):
     def create_training_client_from_state(self, checkpoint: str) -> TrainingClient:
         """See :meth:`AsyncServiceClient.create_training_client_from_state`."""
         return TrainingClient(self._portal, self._wait(self._inner.create_training_client_from_state, checkpoint))
+
+    def attach_training_client(self, session_id: str) -> TrainingClient:
+        """See :meth:`AsyncServiceClient.attach_training_client`."""
+        return TrainingClient(self._portal, self._wait(self._inner.attach_training_client, session_id))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """See :meth:`AsyncServiceClient.list_sessions`."""
+        return self._wait(self._inner.list_sessions)
+
+    def end_session(self, session_id: str) -> None:
+        """See :meth:`AsyncServiceClient.end_session`."""
+        self._wait(self._inner.end_session, session_id)
 
     def sample_from_checkpoint(
         self,

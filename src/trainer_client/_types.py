@@ -34,6 +34,7 @@ __all__ = [
     "SampledSequence",
     "SamplingParams",
     "ServerInfo",
+    "SessionInfo",
 ]
 
 
@@ -260,6 +261,18 @@ class ServerInfo:
     loss_functions: list[str]
     distributed_mode: str = "single"
     """"single", or accelerate's distributed type ("MULTI_GPU", "MULTI_CPU") for ``world_size`` > 1."""
+    open_sessions: int = 0
+    """Sessions open on the server now (all keys)."""
+    held_graphs: int = 0
+    """Forward graphs held for a custom loss's gradient still to come."""
+    held_graph_bytes: int = 0
+    """Bytes the held graphs' saved tensors use."""
+    session_ttl_s: float = 0.0
+    """A session is closed after this long without a call or a heartbeat."""
+    held_graph_timeout_s: float = 0.0
+    """A custom-loss call whose gradient does not arrive within this long fails and frees its graph."""
+    max_held_graph_bytes: int = 0
+    """Server-wide budget for held graphs."""
 
     @classmethod
     def from_proto(cls, msg: pb.GetServerInfoResponse) -> ServerInfo:
@@ -283,6 +296,12 @@ class ServerInfo:
             capabilities=list(msg.capabilities),
             loss_functions=list(msg.loss_functions),
             distributed_mode=msg.distributed_mode or "single",
+            open_sessions=msg.open_sessions,
+            held_graphs=msg.held_graphs,
+            held_graph_bytes=msg.held_graph_bytes,
+            session_ttl_s=msg.session_ttl_s,
+            held_graph_timeout_s=msg.held_graph_timeout_s,
+            max_held_graph_bytes=msg.max_held_graph_bytes,
         )
 
 
@@ -400,3 +419,51 @@ class SampleOutput:
 
     sequences: list[SampledSequence]
     prompt_logprobs: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """An open session on the server (``list_sessions``, ``attach_training_client``).
+
+    Attributes:
+        session_id: the server's id of the session.
+        base_model: the base model's name.
+        lora_rank: the LoRA rank, or None for a full fine-tune.
+        step: optimizer steps applied so far.
+        next_seq: the sequence number the session's next new call carries.
+        calls_in_flight: calls submitted and not finished.
+        held_graphs: forward graphs held for a gradient still to come.
+        created_at: Unix time of creation.
+        last_active_at: Unix time of the last call or heartbeat.
+        session_ttl_s: the session is closed after this long without either.
+        restored: saved at the server's last graceful stop and restored at its start.
+    """
+
+    session_id: str
+    base_model: str
+    lora_rank: int | None
+    step: int
+    next_seq: int
+    calls_in_flight: int
+    held_graphs: int
+    created_at: float
+    last_active_at: float
+    session_ttl_s: float
+    restored: bool
+
+    @classmethod
+    def from_proto(cls, msg: pb.SessionInfo) -> SessionInfo:
+        """Decode the wire's SessionInfo."""
+        return cls(
+            session_id=msg.session_id,
+            base_model=msg.base_model,
+            lora_rank=msg.lora.rank if msg.HasField("lora") else None,
+            step=msg.step,
+            next_seq=msg.next_seq,
+            calls_in_flight=msg.calls_in_flight,
+            held_graphs=msg.held_graphs,
+            created_at=msg.created_at,
+            last_active_at=msg.last_active_at,
+            session_ttl_s=msg.session_ttl_s,
+            restored=msg.restored,
+        )

@@ -7,7 +7,10 @@ Examples::
     trainer-server --port 0 --device cuda --dtype bfloat16
     accelerate launch --num_processes 4 -m trainer_server --model llama=/models/llama --dtype bfloat16
 
-SIGTERM and SIGINT stop it gracefully: no new calls, in-flight calls get the grace period.
+SIGTERM and SIGINT stop it gracefully: no new calls, in-flight calls get the grace period,
+then every open session is saved and is restored at the next start with the same
+``--checkpoint-dir`` (its client reattaches by id). After a SIGKILL the next start names the
+sessions that were lost; they resume from their last STATE checkpoint.
 Under ``accelerate launch`` (or ``torchrun``) rank 0 serves gRPC and the other ranks run
 every training operation on their shard of each batch (docs/DISTRIBUTED.md).
 """
@@ -104,6 +107,41 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         help="leave glibc's malloc thresholds alone (by default they are raised so streamed tensors' "
         "buffers are reused instead of page-faulted in again: see trainer_proto.alloc)",
     )
+    parser.add_argument(
+        "--session-ttl",
+        type=float,
+        default=ServerConfig.session_ttl_s,
+        metavar="SECONDS",
+        help="close a session after this long without a call or a client heartbeat (default %(default)s)",
+    )
+    parser.add_argument(
+        "--held-graph-timeout",
+        type=float,
+        default=ServerConfig.held_graph_timeout_s,
+        metavar="SECONDS",
+        help="fail a custom-loss call whose gradient has not arrived after this long, freeing its graph "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-held-graph-bytes",
+        type=int,
+        default=ServerConfig.max_held_graph_bytes,
+        metavar="N",
+        help="server-wide budget for forward graphs held for a gradient (default %(default)s)",
+    )
+    parser.add_argument(
+        "--session-save-timeout",
+        type=float,
+        default=ServerConfig.session_save_timeout_s,
+        metavar="SECONDS",
+        help="at SIGTERM, how long saving the open sessions may take (restored at the next start with the "
+        "same --checkpoint-dir; 0 saves none; default %(default)s)",
+    )
+    parser.add_argument(
+        "--no-restore-sessions",
+        action="store_true",
+        help="do not restore the sessions saved at the last graceful stop",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     if args.cluster_timeout <= 0:
@@ -141,6 +179,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
             cluster_timeout_s=args.cluster_timeout,
             heartbeat_s=min(ServerConfig.heartbeat_s, args.cluster_timeout / 3),
             tune_allocator=not args.keep_allocator_defaults,
+            session_ttl_s=args.session_ttl,
+            held_graph_timeout_s=args.held_graph_timeout,
+            max_held_graph_bytes=args.max_held_graph_bytes,
+            session_save_timeout_s=args.session_save_timeout,
+            restore_sessions=not args.no_restore_sessions,
             tinker_port=args.tinker_port,
         )
     except ValueError as exc:  # a limit or setting out of range
@@ -160,7 +203,7 @@ async def serve(config: ServerConfig, cluster: Cluster | None = None) -> None:
         raise SystemExit(f"trainer-server: cannot start: {exc.message}") from None
     print(f"trainer-server ready on {server.address}", flush=True)
     await stop.wait()
-    await server.stop()
+    await server.stop(save_sessions=True)  # restored at the next start with the same --checkpoint-dir
 
 
 def main(argv: list[str] | None = None) -> None:

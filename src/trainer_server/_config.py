@@ -82,6 +82,19 @@ class ServerConfig:
             collective (for a slow or lost peer) before the server gives up on it.
         tune_allocator: keep freed memory for reuse (glibc's mmap and trim thresholds,
             process-wide, see :mod:`trainer_proto.alloc`); False leaves the C allocator alone.
+        session_ttl_s: a session's lease: with no call and no heartbeat for this long (and
+            no call in flight) it is closed and its memory freed. Clients heartbeat their
+            open sessions at a third of it.
+        held_graph_timeout_s: a custom-loss call whose gradient has not arrived this long
+            after its logprobs were sent fails (DEADLINE_EXCEEDED) and its forward graph is
+            freed; the session's next calls then run.
+        max_held_graph_bytes: server-wide budget for the tensors saved by forward graphs held
+            for a gradient; a custom-loss forward that would go over it is refused
+            (RESOURCE_EXHAUSTED) and freed.
+        session_save_timeout_s: at a graceful stop (SIGTERM), how long saving the open
+            sessions (to restore them at the next start) may take in all.
+        restore_sessions: at start, restore the sessions saved at the last graceful stop in
+            ``checkpoint_dir`` (their clients reattach by id).
         tinker_port: also serve the Tinker HTTP API (the official ``tinker`` SDK) on this
             port of ``host``, over the same core, keys and checkpoints; 0 picks a free one
             (see ``TrainerServer.tinker_port``); None (default) serves gRPC only.
@@ -103,6 +116,11 @@ class ServerConfig:
     heartbeat_s: float = 10.0
     cluster_timeout_s: float = 1800.0
     tune_allocator: bool = True
+    session_ttl_s: float = 120.0
+    held_graph_timeout_s: float = 300.0
+    max_held_graph_bytes: int = 8 << 30
+    session_save_timeout_s: float = 60.0
+    restore_sessions: bool = True
     tinker_port: int | None = None
 
     def __post_init__(self) -> None:
@@ -118,5 +136,8 @@ class ServerConfig:
             raise ValueError("ServerConfig.keepalive_time_s must be positive")
         if not 0 < self.heartbeat_s < self.cluster_timeout_s:
             raise ValueError("ServerConfig.heartbeat_s must be positive and below cluster_timeout_s")
-        if self.sequence_gap_timeout_s <= 0:
-            raise ValueError("ServerConfig.sequence_gap_timeout_s must be positive")
+        for name in ("sequence_gap_timeout_s", "session_ttl_s", "held_graph_timeout_s", "max_held_graph_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.session_save_timeout_s < 0:
+            raise ValueError("ServerConfig.session_save_timeout_s must be >= 0 (0 saves nothing at a stop)")

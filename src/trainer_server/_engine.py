@@ -24,7 +24,7 @@ from trainer_server._models import BaseModel
 from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument
 from trainer_server.core.types import LoraSpec
 
-__all__ = ["AdamSettings", "SessionModel", "default_lora_targets"]
+__all__ = ["AdamSettings", "SessionModel", "default_lora_targets", "share_base_copy"]
 
 _ADAM_FIELDS = frozenset({"learning_rate", "beta1", "beta2", "eps", "weight_decay", "grad_clip_norm"})
 
@@ -83,7 +83,7 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
     )
 
 
-def _share_base_copy(model: torch.nn.Module, *, new_parameters: bool = False) -> torch.nn.Module:
+def share_base_copy(model: torch.nn.Module, *, new_parameters: bool = False) -> torch.nn.Module:
     """A structural copy of ``model`` over the same parameter data (no weights are copied).
 
     The copy's parameters are the very same objects, or with ``new_parameters`` new
@@ -130,9 +130,9 @@ class SessionModel:
         share = fsdp is None and self.device == base.device
         if fsdp is not None:
             # Sharding copies each rank's rows into new tensors: no whole copy of the base is made.
-            source = _share_base_copy(base.model, new_parameters=True)
+            source = share_base_copy(base.model, new_parameters=True)
         elif lora is not None and share:
-            source = _share_base_copy(base.model)
+            source = share_base_copy(base.model)
         else:
             source = copy.deepcopy(base.model)
         if lora is None:
@@ -162,6 +162,11 @@ class SessionModel:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer: torch.optim.AdamW | None = None
         self.step = 0
+
+    @property
+    def has_gradients(self) -> bool:
+        """Whether gradients were accumulated since the last optimizer step."""
+        return any(p.grad is not None for p in self.params)
 
     @property
     def num_trainable(self) -> int:

@@ -53,6 +53,8 @@ __all__ = [
 STATE_FILE = "state.json"
 _TRAINABLE = "trainable.safetensors"
 _OPTIMIZER = "optimizer.pt"
+_GRADIENTS = "gradients.safetensors"
+"""STATE only, when gradients were accumulated and not yet applied by an optimizer step."""
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -126,6 +128,7 @@ class Snapshot:
     optimizer: dict[str, Any] | None = None
     rng: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    gradients: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def take_snapshot(
@@ -141,12 +144,15 @@ def take_snapshot(
         base_model: the base model's name, recorded in a STATE's ``state.json``.
         last_base: the session's last BASE checkpoint, recorded there too.
     """
-    optimizer, rng, info = None, None, {}
+    optimizer, rng, info, gradients = None, None, {}, {}
     if kind in ("base", "delta"):
         tensors = _whole(merged_state_dict(state), keep, dtype)
     elif kind == "state":
         tensors = _whole(((n, p) for n, p in state.model.named_parameters() if p.requires_grad), keep)
         optimizer = _optimizer_state(state, keep)
+        # Gradients accumulated since the last step: resuming mid-window continues exactly.
+        pending = [(n, p.grad) for n, p in state.model.named_parameters() if p.requires_grad and p.grad is not None]
+        gradients = _whole(((n, g) for n, g in pending), keep)
         rng = torch.get_rng_state()
         lora = state.lora
         info = {
@@ -163,7 +169,7 @@ def take_snapshot(
         raise ValueError(f"no snapshot for {kind!r} checkpoints")
     if not keep:
         return None
-    return Snapshot(kind, dtype, state.step, state.base, tensors, optimizer, rng, info)
+    return Snapshot(kind, dtype, state.step, state.base, tensors, optimizer, rng, info, gradients)
 
 
 def write_snapshot(snapshot: Snapshot, out: Path, base_dir: Path | None = None) -> dict[str, Any]:
@@ -242,6 +248,19 @@ def write_adapter(state: SessionModel, out: Path | None) -> None:
         state.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
 
 
+def load_adapter(base: BaseModel, directory: Path, device: torch.device) -> Any:
+    """A PEFT adapter checkpoint laid over the base model's own (shared, frozen) tensors, for sampling."""
+    from peft import PeftModel
+
+    from trainer_server._engine import share_base_copy
+
+    model = PeftModel.from_pretrained(share_base_copy(base.model), str(directory), is_trainable=False)
+    if device != base.device:
+        model.to(device)
+    model.eval()
+    return model
+
+
 def _optimizer_state(state: SessionModel, keep: bool) -> dict[str, Any] | None:
     """AdamW's state dict with whole tensors (parameters by index, as torch numbers them)."""
     if state.optimizer is None:
@@ -254,6 +273,8 @@ def _optimizer_state(state: SessionModel, keep: bool) -> dict[str, Any] | None:
 def _write_state(snapshot: Snapshot, out: Path) -> None:
     """Everything needed to resume the session exactly."""
     save_file(snapshot.tensors, str(out / _TRAINABLE), metadata={"format": "pt"})
+    if snapshot.gradients:
+        save_file(snapshot.gradients, str(out / _GRADIENTS), metadata={"format": "pt"})
     torch.save({"optimizer": snapshot.optimizer, "cpu_rng": snapshot.rng}, out / _OPTIMIZER)
     (out / STATE_FILE).write_text(json.dumps(snapshot.info, indent=2, sort_keys=True) + "\n")
 
@@ -284,6 +305,13 @@ def load_state(state: SessionModel, state_dir: Path, info: dict[str, Any], *, re
                     moments[k] = sharded_like(v, state.params[i])
         state.optimizer = torch.optim.AdamW(state.params)
         state.optimizer.load_state_dict(optimizer)
+    if (state_dir / _GRADIENTS).is_file():
+        grads = load_file(str(state_dir / _GRADIENTS), device=str(state.device))
+        unknown = sorted(set(grads) - set(named))
+        if unknown:
+            raise invalid_argument(f"the STATE checkpoint has gradients for unknown tensors: {unknown[:5]}")
+        for name, g in grads.items():
+            named[name].grad = sharded_like(g, named[name]).clone()
     if restore_rng:
         torch.set_rng_state(extra["cpu_rng"])
     state.step = int(info["step"])

@@ -192,6 +192,8 @@ class TrainerServer:
         except BaseException:
             await self.stop(0)
             raise
+        if self.config.restore_sessions:
+            await self.core.restore_saved_sessions()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.core.models), self.address)
 
@@ -214,8 +216,15 @@ class TrainerServer:
         self._tinker = TinkerHTTPServer(front_end, self.config.host, self.config.tinker_port)
         await self._tinker.start()
 
-    async def stop(self, grace_s: float | None = None) -> None:
-        """Stop accepting calls, let in-flight ones finish for ``grace_s``, then close."""
+    async def stop(self, grace_s: float | None = None, *, save_sessions: bool = False) -> None:
+        """Stop accepting calls, let in-flight ones finish for ``grace_s``, then close.
+
+        Args:
+            grace_s: how long in-flight calls may finish (default: the config's).
+            save_sessions: save every open session first, so that the next start with the
+                same ``checkpoint_dir`` restores them (what ``trainer-server`` does on SIGTERM);
+                bounded by ``session_save_timeout_s``.
+        """
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
@@ -227,6 +236,10 @@ class TrainerServer:
         await self._server.stop(grace)
         self._server = None
         if self.core is not None:
+            if save_sessions and self.core.ready:
+                await self.core.save_open_sessions()
+            else:
+                self.core.discard_open_sessions()
             await self.core.shutdown()
         log.info("stopped")
 

@@ -19,6 +19,7 @@ With one process the same code runs with no communication, so there is one code 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from trainer_server._engine import AdamSettings, SessionModel
 from trainer_server._models import BaseModel, load_base_model
 from trainer_server._sampling import Sample as SampleOut
 from trainer_server._sampling import SamplingSettings, generate
-from trainer_server.core.errors import ErrorCode, ServiceError
+from trainer_server.core.errors import ErrorCode, ServiceError, failed_precondition
 from trainer_server.core.types import LoraSpec
 
 __all__ = [
@@ -173,6 +174,42 @@ class _Held:
     stop: int
     stand_in: bool = False
     """FSDP, empty shard: ``logprobs`` are of one datum computed only for the collectives."""
+    saved_bytes: int = 0
+    """Bytes of the activations the graph saved for its backward (parameters not counted)."""
+    session_id: str = ""
+
+
+class _SavedBytes:
+    """Counts the bytes of the tensors autograd saves for a backward (distinct storages, no parameters).
+
+    What a held forward costs while it waits for its gradient; measured, not estimated, with
+    ``torch.autograd.graph.saved_tensors_hooks`` (the tensors themselves are kept as they are).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: set[int] = set()
+        self.bytes = 0
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in self._params and ptr not in self._seen:
+            self._seen.add(ptr)
+            self.bytes += storage.nbytes()
+        return tensor
+
+    def __enter__(self) -> _SavedBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+def _unpack(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 class Engine:
@@ -290,9 +327,13 @@ class Engine:
         stand_in = stop == start and state.sharded  # FSDP: every rank must run the forward
         if stand_in:
             start, stop = 0, 1
-        logprobs = state.logprobs(op.batch.select(start, stop), grad=op.grad) if stop > start else None
+        saved = _SavedBytes(state.model) if op.grad and not state.sharded else contextlib.nullcontext(None)
+        with saved as counter:
+            logprobs = state.logprobs(op.batch.select(start, stop), grad=op.grad) if stop > start else None
         if op.grad:
-            self.held[op.handle] = _Held(logprobs, first, last, stand_in)
+            self.held[op.handle] = _Held(
+                logprobs, first, last, stand_in, counter.bytes if counter else 0, op.session_id
+            )
         if logprobs is None or stand_in:
             return torch.zeros(0, dtype=torch.float32)
         return logprobs.detach().to("cpu") if self.cluster.distributed else logprobs.detach()
@@ -315,6 +356,12 @@ class Engine:
     def _save_checkpoint(self, op: SaveCheckpoint) -> int | None:
         state = self._session(op.session_id)
         keep = self.cluster.rank == 0
+        if op.kind == "state" and self.cluster.distributed and not state.sharded and state.has_gradients:
+            # Replicated ranks each hold their own part of the gradients until the step sums them.
+            raise failed_precondition(
+                "a STATE checkpoint of a multi-process (replicated) session is taken between optimizer steps: "
+                "gradients accumulated since the last optim_step are spread over the ranks; call optim_step first"
+            )
         if not (keep or state.sharded):
             return None
         if op.kind == "adapter":

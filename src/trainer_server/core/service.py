@@ -27,7 +27,10 @@ import contextlib
 import dataclasses
 import functools
 import itertools
+import json
 import logging
+import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
@@ -51,7 +54,14 @@ from trainer_server._sampling import Sample as SampleOut
 from trainer_server._sampling import SamplingSettings, generate
 from trainer_server.builtin_models import trainer_home
 from trainer_server.core import ops as _ops
-from trainer_server.core.errors import ErrorCode, ServiceError, failed_precondition, invalid_argument, not_found
+from trainer_server.core.errors import (
+    ErrorCode,
+    ServiceError,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    resource_exhausted,
+)
 from trainer_server.core.sessions import SequencedCall, Session, SessionRegistry, committing_call, new_session_id
 from trainer_server.core.types import (
     CHECKPOINT_KINDS,
@@ -88,6 +98,8 @@ CAPABILITIES = (
     "sample",
 )
 MAX_LORA_RANK = 1024
+MAX_CACHED_CHECKPOINT_MODELS = 4
+"""Checkpoints kept loaded for sampling (least recently loaded dropped first)."""
 
 
 @functools.cache
@@ -97,8 +109,6 @@ def server_version() -> str:
         return version("trainer-service")
     except PackageNotFoundError:  # pragma: no cover - running from a source tree
         return "0+unknown"
-
-
 
 
 class TrainingCore:
@@ -126,6 +136,8 @@ class TrainingCore:
         """Called once when the ranks break (the server sets health NOT_SERVING)."""
         self._handles = itertools.count(1)
         self._heartbeat: asyncio.Task[None] | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[Any]] = set()
         limits = config.limits
         self.sessions = SessionRegistry(
             limits.max_sessions,
@@ -194,6 +206,7 @@ class TrainingCore:
                 ", ".join(f"{d} pid {p}" for d, p in hello),
             )
             self._heartbeat = asyncio.create_task(self._beat(), name="trainer-heartbeat")
+        self._reaper = asyncio.create_task(self._expire_idle_sessions(), name="trainer-session-leases")
         self.ready = True
 
     async def _beat(self) -> None:
@@ -205,10 +218,11 @@ class TrainingCore:
 
     async def shutdown(self) -> None:
         """Stop the other ranks and the device thread after the work already queued."""
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._reaper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.cluster.distributed and not self.broken:
             with contextlib.suppress(ServiceError):
                 await self.run_op(_ops.Shutdown())
@@ -312,6 +326,26 @@ class TrainingCore:
         """Forward graphs kept alive for a gradient still to come, by handle (rank 0's view)."""
         return self.engine.held
 
+    @property
+    def held_graph_bytes(self) -> int:
+        """Bytes of the tensors the held forward graphs saved for their backward (rank 0's view)."""
+        return sum(h.saved_bytes for h in list(self.engine.held.values()))
+
+    def _check_held_budget(self, handle: int) -> None:
+        """Refuse a new held forward that takes the held graphs over ``max_held_graph_bytes``.
+
+        Raises:
+            ServiceError: RESOURCE_EXHAUSTED (the caller releases the graph; nothing is applied).
+        """
+        held = self.engine.held.get(handle)
+        total, budget = self.held_graph_bytes, self.config.max_held_graph_bytes
+        if held is not None and total > budget:
+            raise resource_exhausted(
+                f"this forward would hold {held.saved_bytes} bytes for its gradient, taking held graphs to {total} "
+                f"bytes, over max_held_graph_bytes={budget}; send the gradients of earlier custom-loss calls first "
+                "(or send a smaller batch); nothing was applied"
+            )
+
     def model(self, name: str) -> BaseModel:
         """A served base model by name.
 
@@ -359,22 +393,72 @@ class TrainingCore:
                 raise invalid_argument(f"lora.rank must be in [1, {MAX_LORA_RANK}], got {lora.rank}")
             if lora.alpha < 0:
                 raise invalid_argument(f"lora.alpha must be >= 0 (0 means alpha = rank), got {lora.alpha}")
-        self.sessions.check_capacity(owner)
-        session_id = new_session_id()
-        try:
-            await self.run_op(_ops.CreateSession(session_id, base.name, lora, spec.seed))
-        except ValueError as exc:  # peft rejects target modules that do not exist
-            raise invalid_argument(f"cannot build the session: {exc}") from None
-        state = self.engine.sessions[session_id]
-        session = self.sessions.add(session_id, base, state, owner)
+        session = await self._admit(owner, base, lambda sid: _ops.CreateSession(sid, base.name, lora, spec.seed))
         log.info(
             "session %s created on %r (%s, %d trainable parameters)",
             session.id,
             base.name,
             f"LoRA rank {lora.rank}" if lora else "full fine-tune",
-            state.num_trainable,
+            session.state.num_trainable,
         )
         return session
+
+    async def _admit(self, owner: str, base: BaseModel, op_for: Callable[[str], _ops.Op]) -> Session:
+        """Build and register a session under a reserved slot; nothing is left behind on failure.
+
+        The slot is reserved before anything is built, so concurrent creates never overshoot
+        the limits. A build that fails frees whatever any rank built; a caller that goes away
+        (deadline, disconnect) while its session is being built gets nothing, and the
+        session, once built, is closed at once.
+        """
+        session_id = new_session_id()
+
+        async def build() -> Session:
+            with self.sessions.reserve(owner):
+                try:
+                    await self.run_op(op_for(session_id))
+                except ValueError as exc:  # peft rejects target modules that do not exist
+                    await self._discard_built(session_id)
+                    raise invalid_argument(f"cannot build the session: {exc}") from None
+                except ServiceError:
+                    await self._discard_built(session_id)
+                    raise
+                session = self.sessions.add(session_id, base, self.engine.sessions[session_id], owner)
+                self._journal(session, open_=True)
+                return session
+
+        task = asyncio.ensure_future(build())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._close_orphan)
+            raise
+
+    def _close_orphan(self, task: asyncio.Future[Session]) -> None:
+        """Close a session whose creator went away while it was built."""
+        if task.cancelled() or task.exception() is not None:
+            return
+        session = task.result()
+        log.warning("session %s: its creator went away while it was built; closing it", session.id)
+        self._background(self.close(session))
+
+    async def _discard_built(self, session_id: str) -> None:
+        """Free what a failed build left on any rank (best effort; a lost rank is noticed elsewhere)."""
+        if not self.broken:
+            with contextlib.suppress(ServiceError):
+                await self.run_op(_ops.CloseSession(session_id))
+
+    def _background(self, work: Awaitable[Any]) -> None:
+        """Run ``work`` on the loop, keeping a reference until it ends and logging its failure."""
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Future[Any]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("background work failed: %s", t.exception())
+
+        task.add_done_callback(done)
 
     async def resume_session(self, owner: str, checkpoint: str, *, base_model: str = "") -> Session:
         """Build a session from a STATE checkpoint; training continues exactly.
@@ -396,13 +480,195 @@ class TrainingCore:
             )
         base = self.model(manifest.base_model)
         self.sessions.check_capacity(owner)
-        directory = store.path(manifest.name)
+        directory = str(store.path(manifest.name).resolve())
         await asyncio.to_thread(store.verify, manifest.name)
-        session_id = new_session_id()
-        await self.run_op(_ops.ResumeSession(session_id, base.name, str(directory.resolve())))
-        session = self.sessions.add(session_id, base, self.engine.sessions[session_id], owner)
+        session = await self._admit(owner, base, lambda sid: _ops.ResumeSession(sid, base.name, directory))
         log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
         return session
+
+    # ---- restarts -----------------------------------------------------------------------
+
+    @property
+    def _saved_sessions_dir(self) -> Path:
+        """Where open sessions are saved at a graceful stop (hidden: never a checkpoint name)."""
+        return self.checkpoint_root / ".sessions"
+
+    def _journal(self, session: Session, *, open_: bool) -> None:
+        """Note that a session is open (or no longer), so a start after a crash can say what was lost."""
+        entry = self._saved_sessions_dir / "open" / f"{session.id}.json"
+        try:
+            if open_:
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                record = {"session_id": session.id, "base_model": session.base.name, "created_at": session.created_at}
+                entry.write_text(json.dumps(record) + "\n")
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError as exc:  # the journal only improves a message; never fail a call for it
+            log.warning("session journal: %s", exc)
+
+    async def save_open_sessions(self) -> list[str]:
+        """Save every open session so that the next start restores it (a graceful stop).
+
+        Each is saved like a STATE checkpoint (weights, AdamW state, step, RNG, gradients
+        accumulated since the last step) plus its id, owner and next sequence number, under
+        ``checkpoint_dir/.sessions``; all of it within ``session_save_timeout_s``.
+
+        Returns:
+            The ids of the sessions saved.
+        """
+        timeout_s = self.config.session_save_timeout_s
+        sessions = [s for s in self.sessions.all() if not s.closed]
+        saved: list[str] = []
+        if not sessions or timeout_s <= 0 or self.broken:
+            return saved
+
+        async def save_all() -> None:
+            for session in sessions:
+                try:
+                    await self._save_session(session)
+                except ServiceError as exc:
+                    log.warning("session %s could not be saved: %s", session.id, exc.message)
+                else:
+                    saved.append(session.id)
+
+        try:
+            await asyncio.wait_for(save_all(), timeout_s)
+        except TimeoutError:
+            log.warning(
+                "saving open sessions took over session_save_timeout_s=%gs; %d of %d saved",
+                timeout_s,
+                len(saved),
+                len(sessions),
+            )
+        log.info("saved %d open sessions for the next start: %s", len(saved), ", ".join(saved) or "-")
+        return saved
+
+    async def _save_session(self, session: Session) -> None:
+        root = self._saved_sessions_dir
+        final, tmp = root / session.id, root / f".{session.id}.tmp"
+        await asyncio.to_thread(shutil.rmtree, tmp, True)
+        tmp.mkdir(parents=True)
+        op = _ops.SaveCheckpoint(session.id, "state", torch.float32, str(tmp), session.base.name)
+        try:
+            await self.run_op(op)
+        finally:
+            snapshot = self.engine.snapshots.pop(op.directory, None)
+        if snapshot is not None:
+            await asyncio.to_thread(_export.write_snapshot, snapshot, tmp, None)
+        record = {
+            "session_id": session.id,
+            "owner": session.owner,
+            "base_model": session.base.name,
+            "next_seq": session.next_free_seq,
+            "created_at": session.created_at,
+        }
+        (tmp / "session.json").write_text(json.dumps(record, indent=2) + "\n")
+        await asyncio.to_thread(shutil.rmtree, final, True)
+        tmp.rename(final)
+        self._journal(session, open_=False)
+
+    def discard_open_sessions(self) -> None:
+        """At a stop that saves nothing: the open sessions end with the server, deliberately."""
+        sessions = self.sessions.all()
+        for session in sessions:
+            self._journal(session, open_=False)
+        if sessions:
+            log.info("stopping with %d open sessions, not saved: %s", len(sessions), ", ".join(s.id for s in sessions))
+
+    async def restore_saved_sessions(self) -> list[Session]:
+        """Restore the sessions saved at the last graceful stop; report those a crash lost.
+
+        A restored session keeps its id, owner, weights, optimizer state, step, pending
+        gradients and sequence numbers: its client reattaches by id (AttachSession) and
+        continues as if the server had never stopped. Its saved copy is removed once restored.
+        """
+        root = self._saved_sessions_dir
+        restored: list[Session] = []
+        saved = sorted(p.parent for p in root.glob("s-*/session.json")) if root.is_dir() else []
+        saved_ids = {d.name for d in saved}
+        for entry in sorted((root / "open").glob("*.json")) if (root / "open").is_dir() else []:
+            if entry.stem not in saved_ids:
+                log.warning(
+                    "session %s was open when the server last stopped without saving it (killed, or a crash): what it "
+                    "trained since its last STATE checkpoint is lost; resume from that checkpoint with "
+                    "create_training_client_from_state(NAME)",
+                    entry.stem,
+                )
+            entry.unlink(missing_ok=True)
+        for directory in saved:
+            record = json.loads((directory / "session.json").read_text())
+            base = self.models.get(record["base_model"])
+            if base is None:
+                log.warning(
+                    "saved session %s is of model %r, which this server does not serve; kept in %s",
+                    directory.name,
+                    record["base_model"],
+                    directory,
+                )
+                continue
+            session_id = str(record["session_id"])
+            await self.run_op(_ops.ResumeSession(session_id, base.name, str(directory.resolve())))
+            session = self.sessions.add(session_id, base, self.engine.sessions[session_id], str(record["owner"]))
+            session.next_seq = int(record["next_seq"])
+            session.created_at = float(record["created_at"])
+            session.restored = True
+            self._journal(session, open_=True)
+            await asyncio.to_thread(shutil.rmtree, directory, True)
+            restored.append(session)
+            log.info("session %s restored at step %d (next seq %d)", session.id, session.state.step, session.next_seq)
+        return restored
+
+    # ---- leases ------------------------------------------------------------------------
+
+    def heartbeat(self, owner: str, session_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Renew the leases of ``owner``'s sessions; returns (open ids, ids not open)."""
+        self._check_ready()
+        alive, missing = [], []
+        for session_id in session_ids:
+            session = self.sessions.find(session_id, owner)
+            if session is None:
+                missing.append(session_id)
+            else:
+                session.touch()
+                alive.append(session_id)
+        return alive, missing
+
+    def list_sessions(self, owner: str) -> list[Session]:
+        """``owner``'s open sessions, oldest first."""
+        self._check_ready()
+        return self.sessions.all(owner)
+
+    def attach(self, owner: str, session_id: str) -> Session:
+        """Hand a live session to a new client; its next call carries ``session.next_free_seq``."""
+        session = self.session(session_id, owner)
+        session.touch()
+        log.info("session %s attached by a new client (next seq %d)", session.id, session.next_free_seq)
+        return session
+
+    async def end_session(self, owner: str, session_id: str) -> None:
+        """Close one of ``owner``'s sessions now, out of sequence; its waiting calls fail NOT_FOUND."""
+        session = self.session(session_id, owner)
+        log.info("session %s ended by its owner", session.id)
+        await self.close(session)
+
+    async def _expire_idle_sessions(self) -> None:
+        """Close sessions whose lease ran out: no call in flight, no call or heartbeat for the TTL."""
+        ttl = self.config.session_ttl_s
+        while not self.broken:
+            await asyncio.sleep(min(ttl / 4, 5.0))
+            now = time.monotonic()
+            for session in self.sessions.all():
+                idle = now - session.last_active
+                if session.calls_in_flight == 0 and idle > ttl and not session.closed:
+                    log.warning(
+                        "session %s expired: no call or heartbeat for %.0fs (session_ttl_s=%g); closing it and "
+                        "freeing its memory",
+                        session.id,
+                        idle,
+                        ttl,
+                    )
+                    with contextlib.suppress(ServiceError):
+                        await self.close(session)
 
     async def close_session(self, call: CallRef) -> None:
         """Close a session after its earlier calls; its memory is freed."""
@@ -515,6 +781,7 @@ class TrainingCore:
             held = HeldForward(self, session, seq_call, ForwardResult(seq_call.seq, logprobs, batch.lengths))
             held.handle = handle
             try:
+                self._check_held_budget(handle)
                 await seq_call.forward_done()
                 yield held
             finally:
@@ -671,7 +938,11 @@ class TrainingCore:
         return await call.commit(apply(), record=True)
 
     async def checkpoint_model(self, name: str, owner: str = "") -> tuple[Any, BaseModel]:
-        """A model with a BASE or STATE checkpoint's weights, for sampling (a few are cached).
+        """A model with a checkpoint's weights, for sampling (a few are cached).
+
+        A BASE loads as a model of its own; a STATE builds its session's model; an ADAPTER
+        (what ``save_weights_for_sampler`` writes for a LoRA session: the adapter alone) is
+        laid over the served base model's own tensors, so it costs only the adapter.
 
         Returns:
             The model and the base model it belongs to.
@@ -681,8 +952,10 @@ class TrainingCore:
         key = (f"{owner}/{manifest.name}", manifest.created_at)
         if key in self._checkpoint_models:
             return self._checkpoint_models[key]
-        if manifest.kind not in ("base", "state"):
-            raise invalid_argument(f"sampling needs a BASE or STATE checkpoint; {name!r} is {manifest.kind.upper()}")
+        if manifest.kind not in ("base", "state", "adapter"):
+            raise invalid_argument(
+                f"sampling needs a BASE, STATE or ADAPTER checkpoint; {name!r} is {manifest.kind.upper()}"
+            )
         base = self.model(manifest.base_model)
         directory = store.path(manifest.name)
         await asyncio.to_thread(store.verify, manifest.name)
@@ -698,14 +971,19 @@ class TrainingCore:
                 return state.model
 
             model = await self.on_device(build)
+        else:
+            model = await self.on_device(_export.load_adapter, base, directory, self.device)
         self._checkpoint_models[key] = (model, base)
-        while len(self._checkpoint_models) > 2:
+        while len(self._checkpoint_models) > MAX_CACHED_CHECKPOINT_MODELS:
             self._checkpoint_models.pop(next(iter(self._checkpoint_models)))
         return model, base
 
     async def close(self, session: Session) -> None:
         """Close a session now (not sequenced) and free its memory; its waiting calls fail NOT_FOUND."""
+        if session.closed:
+            return
         await self.sessions.close(session)
+        self._journal(session, open_=False)
         await self.run_op(_ops.CloseSession(session.id))
         log.info("session %s closed after %d optimizer steps", session.id, session.state.step)
         if self.device.type == "cuda":
@@ -758,6 +1036,30 @@ class HeldForward:
         self.replay = replay
         self.handle = 0
         """The held graph's handle while it is held (0 once applied or for a replay)."""
+
+    async def receive(self, gradient: Awaitable[T]) -> T:
+        """Wait for the client's gradient (the front end's read of it) for at most ``held_graph_timeout_s``.
+
+        Raises:
+            ServiceError: DEADLINE_EXCEEDED when it does not arrive in time; the graph is then
+                released (when the block ends) and nothing is applied.
+        """
+        timeout_s = self._core.config.held_graph_timeout_s
+        try:
+            return await asyncio.wait_for(gradient, timeout_s)
+        except TimeoutError:
+            log.warning(
+                "session %s: call %d: no gradient within %gs; releasing its forward",
+                self._session.id,
+                self._call.seq,
+                timeout_s,
+            )
+            raise ServiceError(
+                ErrorCode.DEADLINE_EXCEEDED,
+                f"session {self._session.id}: call {self._call.seq}: the gradient did not arrive within "
+                f"held_graph_timeout_s={timeout_s:g}s of the logprobs; its forward graph was freed and nothing "
+                "was applied",
+            ) from None
 
     async def finish(self, grad: torch.Tensor, final_fingerprint: bytes = b"") -> CustomResult:
         """Apply d_loss/d_logprobs (flat float32, one per logprob): backward, gradients accumulate.

@@ -10,6 +10,12 @@ Invariants:
   gap timeout (or its deadline) is aborted and not applied, and the gap is skipped, so no
   optimizer step is ever applied over a missing call.
 - A number is used once: a second call with a number already seen is refused.
+- A session is a lease: every call and every heartbeat renews it (:meth:`Session.touch`);
+  the core closes a session that has no call in flight and was not renewed for the
+  server's session TTL.
+- Admission is reserved before anything is built (:meth:`SessionRegistry.reserve`), so
+  concurrent creates never exceed the limits and a refused or cancelled create leaves
+  nothing registered.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -75,6 +81,10 @@ class Session:
         self.next_seq = 1
         self.closed = False
         self.created_at = time.time()
+        self.last_active = time.monotonic()
+        """When the last call started or ended, or the last heartbeat came (monotonic clock)."""
+        self.restored = False
+        """Saved at a graceful stop and restored at this server's start."""
         self._seen: set[int] = set()  # numbers that arrived and are not yet past
         self._done_early: set[int] = set()  # refused/cancelled before their turn
         self._changed = asyncio.Condition()
@@ -82,6 +92,24 @@ class Session:
         self._claimed_fingerprints: dict[int, bytes] = {}  # of the calls in _seen
         self._past_forward: set[int] = set()  # running calls whose forward is done (see wait_turn)
         self._queued: set[int] = set()  # running calls whose last device work is queued (see wait_turn)
+
+    def touch(self) -> None:
+        """Renew the session's lease (a call or a heartbeat)."""
+        self.last_active = time.monotonic()
+
+    @property
+    def calls_in_flight(self) -> int:
+        """Calls that arrived and have not finished."""
+        return len(self._seen)
+
+    @property
+    def next_free_seq(self) -> int:
+        """The number a new client of this session (see AttachSession) should use next.
+
+        Above every number already run, refused, or still in flight, so an attached client
+        never collides with a call its crashed predecessor left running.
+        """
+        return max([self.next_seq, *(n + 1 for n in self._seen), *(n + 1 for n in self._done_early)])
 
     def _advance(self) -> None:
         while self.next_seq in self._done_early:
@@ -156,6 +184,7 @@ class Session:
             ServiceError: INVALID_ARGUMENT for 0, ALREADY_EXISTS for a number already used
                 by another request, NOT_FOUND when the session is closed.
         """
+        self.touch()
         if seq == 0:
             raise invalid_argument("call.seq is required and starts at 1")
         if seq > self.next_seq + MAX_SEQ_LOOKAHEAD:
@@ -185,6 +214,7 @@ class Session:
             if sequenced.committing is not None and not sequenced.committing.done():
                 with contextlib.suppress(BaseException):  # its error went to the caller, or nobody is left to tell
                     await asyncio.shield(sequenced.committing)
+            self.touch()
             await asyncio.shield(self._finish(seq, had_turn=sequenced.had_turn))
 
 
@@ -328,26 +358,50 @@ class SessionRegistry:
         self.max_sessions_per_key = max_sessions_per_key
         self.max_inflight = max_inflight
         self._sessions: dict[str, Session] = {}
+        self._reserved: dict[str, int] = {}  # admissions being built, by owner
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     def check_capacity(self, owner: str = "") -> None:
-        """Raise RESOURCE_EXHAUSTED when no more sessions may be opened (in total, or by this key)."""
-        if len(self._sessions) >= self.max_sessions:
+        """Raise RESOURCE_EXHAUSTED when no more sessions may be opened (in total, or by this key).
+
+        Sessions being built (reserved) count as open.
+        """
+        total = len(self._sessions) + sum(self._reserved.values())
+        if total >= self.max_sessions:
             raise resource_exhausted(
-                f"{len(self._sessions)} sessions are open, the limit max_sessions={self.max_sessions}; close one first"
+                f"{total} sessions are open or being created, the limit max_sessions={self.max_sessions}; "
+                "close one first"
             )
-        mine = sum(1 for s in self._sessions.values() if s.owner == owner)
+        mine = sum(1 for s in self._sessions.values() if s.owner == owner) + self._reserved.get(owner, 0)
         if owner and mine >= self.max_sessions_per_key:
             raise resource_exhausted(
                 f"this API key has {mine} sessions open, the limit max_sessions_per_key={self.max_sessions_per_key}; "
                 "close one first"
             )
 
-    def add(self, session_id: str, base: BaseModel, state: SessionModel, owner: str = "") -> Session:
-        """Register a new session of ``owner`` under ``session_id`` (see :func:`new_session_id`)."""
+    @contextlib.contextmanager
+    def reserve(self, owner: str = "") -> Iterator[None]:
+        """Hold one session slot of ``owner`` while a session is built (checked at once).
+
+        The caller registers the built session with :meth:`add` inside the block; whichever
+        way the block ends, the reservation is given back.
+
+        Raises:
+            ServiceError: RESOURCE_EXHAUSTED when no slot is free.
+        """
         self.check_capacity(owner)
+        self._reserved[owner] = self._reserved.get(owner, 0) + 1
+        try:
+            yield
+        finally:
+            self._reserved[owner] -= 1
+            if not self._reserved[owner]:
+                del self._reserved[owner]
+
+    def add(self, session_id: str, base: BaseModel, state: SessionModel, owner: str = "") -> Session:
+        """Register a session built under a :meth:`reserve` of ``owner`` (see :func:`new_session_id`)."""
         session = Session(session_id, base, state, owner=owner, max_inflight=self.max_inflight)
         self._sessions[session.id] = session
         return session
@@ -366,6 +420,11 @@ class SessionRegistry:
             raise not_found(f"session {session_id!r} does not exist (closed, or never created on this server)")
         return session
 
+    def find(self, session_id: str, owner: str = "") -> Session | None:
+        """An open session of ``owner`` by id, or None (unknown, closed, or another key's)."""
+        session = self._sessions.get(session_id)
+        return session if session is not None and session.owner == owner else None
+
     async def close(self, session: Session) -> None:
         """Remove a session and wake its waiting calls, which then fail NOT_FOUND."""
         self._sessions.pop(session.id, None)
@@ -373,6 +432,6 @@ class SessionRegistry:
             session.closed = True
             session._changed.notify_all()
 
-    def all(self) -> list[Session]:
-        """Open sessions."""
-        return list(self._sessions.values())
+    def all(self, owner: str | None = None) -> list[Session]:
+        """Open sessions, oldest first: every owner's, or only ``owner``'s."""
+        return [s for s in self._sessions.values() if owner is None or s.owner == owner]

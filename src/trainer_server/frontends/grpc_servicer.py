@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -23,10 +24,12 @@ from google.protobuf.message import Message
 
 from trainer_proto import pb, pb_grpc, wire
 from trainer_server._checkpoints import MANIFEST, Manifest
+from trainer_server._config import ServerConfig
 from trainer_server._models import BaseModel
 from trainer_server._sampling import SamplingSettings
 from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found, resource_exhausted
 from trainer_server.core.service import TrainingCore
+from trainer_server.core.sessions import Session
 from trainer_server.core.types import (
     CallRef,
     ForwardResult,
@@ -134,8 +137,8 @@ def checkpoint_info(manifest: Manifest) -> pb.CheckpointInfo:
     )
 
 
-def server_info(summary: ServerSummary, limits: Any) -> pb.GetServerInfoResponse:
-    """The core's server summary as the wire's GetServerInfoResponse."""
+def server_info(summary: ServerSummary, config: ServerConfig) -> pb.GetServerInfoResponse:
+    """The core's server summary and the server's settings as the wire's GetServerInfoResponse."""
     return pb.GetServerInfoResponse(
         version=summary.version,
         models=[
@@ -152,9 +155,36 @@ def server_info(summary: ServerSummary, limits: Any) -> pb.GetServerInfoResponse
         devices=summary.devices,
         world_size=summary.world_size,
         distributed_mode=summary.distributed_mode,
-        limits=pb.Limits(**dataclasses.asdict(limits)),
+        limits=pb.Limits(**dataclasses.asdict(config.limits)),
         capabilities=summary.capabilities,
         loss_functions=summary.loss_functions,
+        session_ttl_s=config.session_ttl_s,
+        held_graph_timeout_s=config.held_graph_timeout_s,
+        max_held_graph_bytes=config.max_held_graph_bytes,
+    )
+
+
+def session_info(session: Session, core: TrainingCore) -> pb.SessionInfo:
+    """An open session as the wire's SessionInfo."""
+    lora = session.state.lora
+    held = sum(1 for h in list(core.held_graphs.values()) if h.session_id == session.id)
+    return pb.SessionInfo(
+        session_id=session.id,
+        base_model=session.base.name,
+        lora=None
+        if lora is None
+        else pb.LoraConfig(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules),
+        step=session.state.step,
+        next_seq=session.next_free_seq,
+        calls_in_flight=session.calls_in_flight,
+        held_graphs=held,
+        created_at=session.created_at,
+        last_active_at=time.time() - (time.monotonic() - session.last_active),
+        trainable_parameters=session.state.num_trainable,
+        total_parameters=session.state.num_total,
+        max_inflight_calls=session.max_inflight,
+        session_ttl_s=core.config.session_ttl_s,
+        restored=session.restored,
     )
 
 
@@ -311,12 +341,17 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetServerInfoResponse:
         """Describe the server."""
-        if self._server_info is not None:
-            return self._server_info
-        info = server_info(self.core.server_summary(), self.core.config.limits)
-        if self.core.ready:  # models and limits never change once loaded: build the reply once
-            self._server_info = info
-        return info
+        info = self._server_info
+        if info is None:
+            info = server_info(self.core.server_summary(), self.core.config)
+            if self.core.ready:  # models and limits never change once loaded: build that part once
+                self._server_info = info
+        live = pb.GetServerInfoResponse()
+        live.CopyFrom(info)
+        live.open_sessions = len(self.core.sessions)
+        live.held_graphs = len(self.core.held_graphs)
+        live.held_graph_bytes = self.core.held_graph_bytes
+        return live
 
     @translate_errors
     async def CreateSession(
@@ -345,6 +380,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             total_parameters=session.state.num_total,
             next_seq=session.next_seq,
             max_inflight_calls=session.max_inflight,
+            session_ttl_s=self.core.config.session_ttl_s,
         )
 
     @translate_errors
@@ -401,7 +437,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
         call = self._call(context, start.call, hasher.digest())
         async with self.core.forward_backward_custom(call, data, problem=problem) as held:
             await self._write_all(context, self._logprobs_messages("ForwardBackwardCustom", held.result, dtype))
-            grad = await self._read_gradient(context, held.result.lengths, hasher)
+            grad = await held.receive(self._read_gradient(context, held.result.lengths, hasher))
             result = await held.finish(grad, hasher.digest())
         await context.write(
             pb.ForwardBackwardCustomResponse(
@@ -523,6 +559,39 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             max_samples=self.core.config.limits.max_samples_per_call,
         )
         return prompt, settings
+
+    @translate_errors
+    async def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.HeartbeatResponse:
+        """Renew the leases of the caller's sessions."""
+        alive, missing = self.core.heartbeat(self._owner(context), list(request.session_ids))
+        return pb.HeartbeatResponse(open_session_ids=alive, missing_session_ids=missing)
+
+    @translate_errors
+    async def ListSessions(
+        self, request: pb.ListSessionsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSessionsResponse:
+        """The caller's open sessions."""
+        return pb.ListSessionsResponse(
+            sessions=[session_info(s, self.core) for s in self.core.list_sessions(self._owner(context))]
+        )
+
+    @translate_errors
+    async def AttachSession(
+        self, request: pb.AttachSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AttachSessionResponse:
+        """Hand a live session to a new client."""
+        session = self.core.attach(self._owner(context), request.session_id)
+        return pb.AttachSessionResponse(session=session_info(session, self.core))
+
+    @translate_errors
+    async def EndSession(
+        self, request: pb.EndSessionRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EndSessionResponse:
+        """Close a session by id now."""
+        await self.core.end_session(self._owner(context), request.session_id)
+        return pb.EndSessionResponse()
 
     @translate_errors
     async def CloseSession(

@@ -470,11 +470,28 @@ class GetServerInfoResponse(_message.Message):
     CAPABILITIES_FIELD_NUMBER: _builtins.int
     LOSS_FUNCTIONS_FIELD_NUMBER: _builtins.int
     DISTRIBUTED_MODE_FIELD_NUMBER: _builtins.int
+    OPEN_SESSIONS_FIELD_NUMBER: _builtins.int
+    HELD_GRAPHS_FIELD_NUMBER: _builtins.int
+    HELD_GRAPH_BYTES_FIELD_NUMBER: _builtins.int
+    SESSION_TTL_S_FIELD_NUMBER: _builtins.int
+    HELD_GRAPH_TIMEOUT_S_FIELD_NUMBER: _builtins.int
+    MAX_HELD_GRAPH_BYTES_FIELD_NUMBER: _builtins.int
     version: _builtins.str
     world_size: _builtins.int
     """world_size is the number of processes the model runs on (1 unless launched by accelerate)."""
     distributed_mode: _builtins.str
     """distributed_mode is "single", or accelerate's distributed type ("MULTI_GPU", "MULTI_CPU")."""
+    open_sessions: _builtins.int
+    """Sessions open now (all keys)."""
+    held_graphs: _builtins.int
+    """Forward graphs held for a gradient still to come, and the bytes their saved tensors use."""
+    held_graph_bytes: _builtins.int
+    session_ttl_s: _builtins.float
+    """A session with no call and no heartbeat for this long is closed (its lease ends)."""
+    held_graph_timeout_s: _builtins.float
+    """A held forward whose gradient does not arrive within this long is released (the call fails)."""
+    max_held_graph_bytes: _builtins.int
+    """Server-wide budget for the saved tensors of held forward graphs."""
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]: ...
     @_builtins.property
@@ -498,10 +515,16 @@ class GetServerInfoResponse(_message.Message):
         capabilities: _abc.Iterable[_builtins.str] | None = ...,
         loss_functions: _abc.Iterable[_builtins.str] | None = ...,
         distributed_mode: _builtins.str = ...,
+        open_sessions: _builtins.int = ...,
+        held_graphs: _builtins.int = ...,
+        held_graph_bytes: _builtins.int = ...,
+        session_ttl_s: _builtins.float = ...,
+        held_graph_timeout_s: _builtins.float = ...,
+        max_held_graph_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "devices", b"devices", "distributed_mode", b"distributed_mode", "limits", b"limits", "loss_functions", b"loss_functions", "models", b"models", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "devices", b"devices", "distributed_mode", b"distributed_mode", "held_graph_bytes", b"held_graph_bytes", "held_graph_timeout_s", b"held_graph_timeout_s", "held_graphs", b"held_graphs", "limits", b"limits", "loss_functions", b"loss_functions", "max_held_graph_bytes", b"max_held_graph_bytes", "models", b"models", "open_sessions", b"open_sessions", "session_ttl_s", b"session_ttl_s", "version", b"version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,6 +631,7 @@ class CreateSessionResponse(_message.Message):
     TOTAL_PARAMETERS_FIELD_NUMBER: _builtins.int
     NEXT_SEQ_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_CALLS_FIELD_NUMBER: _builtins.int
+    SESSION_TTL_S_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     base_model: _builtins.str
     trainable_parameters: _builtins.int
@@ -618,6 +642,8 @@ class CreateSessionResponse(_message.Message):
     """Calls of this session that may be in flight at once (submitted, not finished);
     clients hold further calls back rather than have them refused.
     """
+    session_ttl_s: _builtins.float
+    """The session's lease: it is closed after this long without a call or a heartbeat."""
     def __init__(
         self,
         *,
@@ -627,10 +653,11 @@ class CreateSessionResponse(_message.Message):
         total_parameters: _builtins.int = ...,
         next_seq: _builtins.int = ...,
         max_inflight_calls: _builtins.int = ...,
+        session_ttl_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "max_inflight_calls", b"max_inflight_calls", "next_seq", b"next_seq", "session_id", b"session_id", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "max_inflight_calls", b"max_inflight_calls", "next_seq", b"next_seq", "session_id", b"session_id", "session_ttl_s", b"session_ttl_s", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1138,6 +1165,245 @@ class CloseSessionResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CloseSessionResponse: _TypeAlias = CloseSessionResponse  # noqa: Y015
+
+@_typing.final
+class SessionInfo(_message.Message):
+    """SessionInfo describes an open session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NEXT_SEQ_FIELD_NUMBER: _builtins.int
+    CALLS_IN_FLIGHT_FIELD_NUMBER: _builtins.int
+    HELD_GRAPHS_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    LAST_ACTIVE_AT_FIELD_NUMBER: _builtins.int
+    TRAINABLE_PARAMETERS_FIELD_NUMBER: _builtins.int
+    TOTAL_PARAMETERS_FIELD_NUMBER: _builtins.int
+    MAX_INFLIGHT_CALLS_FIELD_NUMBER: _builtins.int
+    SESSION_TTL_S_FIELD_NUMBER: _builtins.int
+    RESTORED_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    base_model: _builtins.str
+    step: _builtins.int
+    """Optimizer steps applied so far."""
+    next_seq: _builtins.int
+    """The sequence number the session's next new call must carry."""
+    calls_in_flight: _builtins.int
+    """Calls submitted and not finished."""
+    held_graphs: _builtins.int
+    """Forward graphs this session holds for a gradient still to come."""
+    created_at: _builtins.float
+    """Unix times of creation and of the last call or heartbeat."""
+    last_active_at: _builtins.float
+    trainable_parameters: _builtins.int
+    total_parameters: _builtins.int
+    max_inflight_calls: _builtins.int
+    session_ttl_s: _builtins.float
+    restored: _builtins.bool
+    """True when the session was saved at a graceful shutdown and restored at start."""
+    @_builtins.property
+    def lora(self) -> Global___LoraConfig:
+        """Set for a LoRA session; unset for a full fine-tune."""
+
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        base_model: _builtins.str = ...,
+        lora: Global___LoraConfig | None = ...,
+        step: _builtins.int = ...,
+        next_seq: _builtins.int = ...,
+        calls_in_flight: _builtins.int = ...,
+        held_graphs: _builtins.int = ...,
+        created_at: _builtins.float = ...,
+        last_active_at: _builtins.float = ...,
+        trainable_parameters: _builtins.int = ...,
+        total_parameters: _builtins.int = ...,
+        max_inflight_calls: _builtins.int = ...,
+        session_ttl_s: _builtins.float = ...,
+        restored: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "calls_in_flight", b"calls_in_flight", "created_at", b"created_at", "held_graphs", b"held_graphs", "last_active_at", b"last_active_at", "lora", b"lora", "max_inflight_calls", b"max_inflight_calls", "next_seq", b"next_seq", "restored", b"restored", "session_id", b"session_id", "session_ttl_s", b"session_ttl_s", "step", b"step", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SessionInfo: _TypeAlias = SessionInfo  # noqa: Y015
+
+@_typing.final
+class HeartbeatRequest(_message.Message):
+    """HeartbeatRequest names the sessions to keep alive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        session_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_ids", b"session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class HeartbeatResponse(_message.Message):
+    """HeartbeatResponse says which of them are open (and now renewed) and which are not."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPEN_SESSION_IDS_FIELD_NUMBER: _builtins.int
+    MISSING_SESSION_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def open_session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def missing_session_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Closed, expired, never created, or another key's."""
+
+    def __init__(
+        self,
+        *,
+        open_session_ids: _abc.Iterable[_builtins.str] | None = ...,
+        missing_session_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["missing_session_ids", b"missing_session_ids", "open_session_ids", b"open_session_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class ListSessionsRequest(_message.Message):
+    """ListSessionsRequest is empty: the caller's own sessions are listed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsRequest: _TypeAlias = ListSessionsRequest  # noqa: Y015
+
+@_typing.final
+class ListSessionsResponse(_message.Message):
+    """ListSessionsResponse lists open sessions, oldest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionInfo]: ...
+    def __init__(
+        self,
+        *,
+        sessions: _abc.Iterable[Global___SessionInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sessions", b"sessions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSessionsResponse: _TypeAlias = ListSessionsResponse  # noqa: Y015
+
+@_typing.final
+class AttachSessionRequest(_message.Message):
+    """AttachSessionRequest names a live session of the caller."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachSessionRequest: _TypeAlias = AttachSessionRequest  # noqa: Y015
+
+@_typing.final
+class AttachSessionResponse(_message.Message):
+    """AttachSessionResponse describes the session; its next call carries session.next_seq."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session(self) -> Global___SessionInfo: ...
+    def __init__(
+        self,
+        *,
+        session: Global___SessionInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session", b"session"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttachSessionResponse: _TypeAlias = AttachSessionResponse  # noqa: Y015
+
+@_typing.final
+class EndSessionRequest(_message.Message):
+    """EndSessionRequest names a session of the caller to close now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionRequest: _TypeAlias = EndSessionRequest  # noqa: Y015
+
+@_typing.final
+class EndSessionResponse(_message.Message):
+    """EndSessionResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndSessionResponse: _TypeAlias = EndSessionResponse  # noqa: Y015
 
 @_typing.final
 class CheckpointFile(_message.Message):

@@ -101,6 +101,26 @@ class TrainerServiceStub:
                 request_serializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/trainer.v1.TrainerService/Heartbeat',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ListSessions = channel.unary_unary(
+                '/trainer.v1.TrainerService/ListSessions',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
+                _registered_method=True)
+        self.AttachSession = channel.unary_unary(
+                '/trainer.v1.TrainerService/AttachSession',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.AttachSessionRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.AttachSessionResponse.FromString,
+                _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/trainer.v1.TrainerService/EndSession',
+                request_serializer=trainer_dot_v1_dot_trainer__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=trainer_dot_v1_dot_trainer__pb2.EndSessionResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -201,6 +221,37 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Heartbeat keeps sessions alive (their lease) while their client has no call to make.
+        A session with no call and no heartbeat for the server's session TTL is closed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessions(self, request, context):
+        """ListSessions lists the caller's open sessions (another key's are never shown).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AttachSession(self, request, context):
+        """AttachSession hands a live session to a new client (another process after a crash, or
+        after a server restart): it returns the sequence number the next call must carry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EndSession(self, request, context):
+        """EndSession closes a session by id at once, out of sequence (an abandoned session);
+        its calls still in flight fail with NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -268,6 +319,26 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.FromString,
                     response_serializer=trainer_dot_v1_dot_trainer__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.HeartbeatRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'ListSessions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessions,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.SerializeToString,
+            ),
+            'AttachSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.AttachSession,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.AttachSessionRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.AttachSessionResponse.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=trainer_dot_v1_dot_trainer__pb2.EndSessionRequest.FromString,
+                    response_serializer=trainer_dot_v1_dot_trainer__pb2.EndSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -623,6 +694,114 @@ class TrainerService:
             '/trainer.v1.TrainerService/CloseSession',
             trainer_dot_v1_dot_trainer__pb2.CloseSessionRequest.SerializeToString,
             trainer_dot_v1_dot_trainer__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/Heartbeat',
+            trainer_dot_v1_dot_trainer__pb2.HeartbeatRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/ListSessions',
+            trainer_dot_v1_dot_trainer__pb2.ListSessionsRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.ListSessionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AttachSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/AttachSession',
+            trainer_dot_v1_dot_trainer__pb2.AttachSessionRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.AttachSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainer.v1.TrainerService/EndSession',
+            trainer_dot_v1_dot_trainer__pb2.EndSessionRequest.SerializeToString,
+            trainer_dot_v1_dot_trainer__pb2.EndSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

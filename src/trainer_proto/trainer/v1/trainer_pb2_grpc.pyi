@@ -74,6 +74,20 @@ class TrainerServiceStub:
     """
     CloseSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]
     """CloseSession frees the session's memory, after its earlier calls have run."""
+    Heartbeat: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.HeartbeatRequest, _trainer_pb2.HeartbeatResponse]
+    """Heartbeat keeps sessions alive (their lease) while their client has no call to make.
+    A session with no call and no heartbeat for the server's session TTL is closed.
+    """
+    ListSessions: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]
+    """ListSessions lists the caller's open sessions (another key's are never shown)."""
+    AttachSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.AttachSessionRequest, _trainer_pb2.AttachSessionResponse]
+    """AttachSession hands a live session to a new client (another process after a crash, or
+    after a server restart): it returns the sequence number the next call must carry.
+    """
+    EndSession: _grpc.UnaryUnaryMultiCallable[_trainer_pb2.EndSessionRequest, _trainer_pb2.EndSessionResponse]
+    """EndSession closes a session by id at once, out of sequence (an abandoned session);
+    its calls still in flight fail with NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class TrainerServiceAsyncStub(TrainerServiceStub):
@@ -112,6 +126,20 @@ class TrainerServiceAsyncStub(TrainerServiceStub):
     """
     CloseSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.CloseSessionRequest, _trainer_pb2.CloseSessionResponse]  # type: ignore[assignment]
     """CloseSession frees the session's memory, after its earlier calls have run."""
+    Heartbeat: _aio.UnaryUnaryMultiCallable[_trainer_pb2.HeartbeatRequest, _trainer_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """Heartbeat keeps sessions alive (their lease) while their client has no call to make.
+    A session with no call and no heartbeat for the server's session TTL is closed.
+    """
+    ListSessions: _aio.UnaryUnaryMultiCallable[_trainer_pb2.ListSessionsRequest, _trainer_pb2.ListSessionsResponse]  # type: ignore[assignment]
+    """ListSessions lists the caller's open sessions (another key's are never shown)."""
+    AttachSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.AttachSessionRequest, _trainer_pb2.AttachSessionResponse]  # type: ignore[assignment]
+    """AttachSession hands a live session to a new client (another process after a crash, or
+    after a server restart): it returns the sequence number the next call must carry.
+    """
+    EndSession: _aio.UnaryUnaryMultiCallable[_trainer_pb2.EndSessionRequest, _trainer_pb2.EndSessionResponse]  # type: ignore[assignment]
+    """EndSession closes a session by id at once, out of sequence (an abandoned session);
+    its calls still in flight fail with NOT_FOUND.
+    """
 
 class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
     """TrainerService is the whole training API. Health (grpc.health.v1) and server
@@ -225,5 +253,43 @@ class TrainerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trainer_pb2.CloseSessionResponse, _abc.Awaitable[_trainer_pb2.CloseSessionResponse]]:
         """CloseSession frees the session's memory, after its earlier calls have run."""
+
+    @_abc_1.abstractmethod
+    def Heartbeat(
+        self,
+        request: _trainer_pb2.HeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.HeartbeatResponse, _abc.Awaitable[_trainer_pb2.HeartbeatResponse]]:
+        """Heartbeat keeps sessions alive (their lease) while their client has no call to make.
+        A session with no call and no heartbeat for the server's session TTL is closed.
+        """
+
+    @_abc_1.abstractmethod
+    def ListSessions(
+        self,
+        request: _trainer_pb2.ListSessionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.ListSessionsResponse, _abc.Awaitable[_trainer_pb2.ListSessionsResponse]]:
+        """ListSessions lists the caller's open sessions (another key's are never shown)."""
+
+    @_abc_1.abstractmethod
+    def AttachSession(
+        self,
+        request: _trainer_pb2.AttachSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.AttachSessionResponse, _abc.Awaitable[_trainer_pb2.AttachSessionResponse]]:
+        """AttachSession hands a live session to a new client (another process after a crash, or
+        after a server restart): it returns the sequence number the next call must carry.
+        """
+
+    @_abc_1.abstractmethod
+    def EndSession(
+        self,
+        request: _trainer_pb2.EndSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trainer_pb2.EndSessionResponse, _abc.Awaitable[_trainer_pb2.EndSessionResponse]]:
+        """EndSession closes a session by id at once, out of sequence (an abandoned session);
+        its calls still in flight fail with NOT_FOUND.
+        """
 
 def add_TrainerServiceServicer_to_server(servicer: TrainerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

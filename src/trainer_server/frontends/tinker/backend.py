@@ -320,9 +320,10 @@ class CheckpointInfo:
 
     Attributes:
         name: Its name in the owner's store.
-        kind: What the backend stored: ``state`` (weights + optimizer, resumable;
-            also what sampler weights may be stored as) or ``external`` (Hugging Face
-            layout). Tinker's checkpoint type comes from the ``tinker://`` name instead.
+        kind: What the backend stored: ``state`` (weights + optimizer, resumable),
+            ``adapter`` (a LoRA adapter alone, e.g. sampler weights) or ``external``
+            (Hugging Face layout). Tinker's checkpoint type comes from the ``tinker://``
+            name instead.
         created_unix_s: When it was committed.
         size_bytes: Total size of its files.
         base_model: The base model it was trained from.
@@ -330,7 +331,7 @@ class CheckpointInfo:
     """
 
     name: str
-    kind: Literal["state", "external"]
+    kind: Literal["state", "adapter", "external"]
     created_unix_s: float
     size_bytes: int
     base_model: str

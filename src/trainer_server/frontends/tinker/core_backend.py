@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -168,8 +169,8 @@ class CoreBackend:
         """See :meth:`TinkerBackend.keep_alive`."""
         live = self._live.get(model.key)
         if live is not None:
-            with contextlib.suppress(ServiceError):  # a closed session has nothing to renew
-                self.core.session(live.session_id, live.owner)
+            with contextlib.suppress(ServiceError):  # loading or shutting down: nothing to renew
+                self.core.heartbeat(live.owner, [live.session_id])
 
     async def close_model(self, model: be.ModelHandle) -> None:
         """See :meth:`TinkerBackend.close_model`."""
@@ -177,7 +178,7 @@ class CoreBackend:
         if live is None:
             return
         try:
-            await self.core.close_session(self._call(live))
+            await self.core.end_session(live.owner, live.session_id)
         except ServiceError as exc:
             log.info("closing session %s: %s", live.session_id, exc.message)
         store = self.core.checkpoint_store(live.owner)
@@ -250,7 +251,9 @@ class CoreBackend:
         if name is None:
             name = f"{live.session_id}.ephemeral-sampler-{next(self._ephemeral)}"
             live.ephemeral.append(name)
-        await self._save(live, name, "state")
+        # A LoRA model's sampler weights are its adapter alone (float32, laid over the served
+        # base when sampled); a full fine-tune's are its STATE.
+        await self._save(live, name, "adapter" if live.info.lora is not None else "state")
         return name
 
     async def save_external(self, model: be.ModelHandle, name: str) -> be.CheckpointInfo:
@@ -278,6 +281,19 @@ class CoreBackend:
                 self._base_sessions[(owner, base_model)] = live
             return live
 
+    async def _sample_base(self, owner: str, base_model: str, prepare: Any) -> tuple[Any, torch.Tensor]:
+        """Sample on the owner's hidden base session, recreating it if its lease ran out."""
+        for attempt in range(2):
+            live = await self._base_session(owner, base_model)
+            try:
+                result: tuple[Any, torch.Tensor] = await self.core.sample(self._call(live), prepare)
+                return result
+            except ServiceError as exc:
+                if exc.code != ErrorCode.NOT_FOUND or attempt:
+                    raise
+                self._base_sessions.pop((owner, base_model), None)
+        raise AssertionError("unreachable")
+
     async def sample(
         self,
         owner: str,
@@ -301,8 +317,7 @@ class CoreBackend:
 
         try:
             if any(m.name == source for m in self.core.server_summary().models):
-                live = await self._base_session(owner, source)
-                samples, plp = await self.core.sample(self._call(live), prepare)
+                samples, plp = await self._sample_base(owner, source, prepare)
             else:
                 samples, plp = await self.core.sample_checkpoint(owner, source, prepare)
         except ServiceError as exc:
@@ -324,10 +339,18 @@ class CoreBackend:
 
     def _info(self, owner: str, manifest: Any) -> be.CheckpointInfo:
         lora: be.LoraSpec | None = None
+        directory = self.core.checkpoint_store(owner).path(manifest.name)
         if manifest.kind == "state":
-            _, core_lora = read_state_info(self.core.checkpoint_store(owner).path(manifest.name))
+            _, core_lora = read_state_info(directory)
             lora = None if core_lora is None else _tinker_lora(core_lora)
-        kind: Literal["state", "external"] = "state" if manifest.kind == "state" else "external"
+        elif manifest.kind == "adapter":
+            config = json.loads((directory / "adapter_config.json").read_text())
+            targets = config.get("target_modules") or ()
+            names = () if isinstance(targets, str) else tuple(targets)  # PEFT may write "all-linear"
+            lora = _tinker_lora(CoreLora(int(config["r"]), 0.0, names))
+        kind: Literal["state", "adapter", "external"] = (
+            manifest.kind if manifest.kind in ("state", "adapter") else "external"
+        )
         return be.CheckpointInfo(
             manifest.name, kind, manifest.created_at, manifest.total_bytes, manifest.base_model, lora
         )
