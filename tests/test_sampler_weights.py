@@ -4,8 +4,8 @@ samples exactly like the session it was saved from."""
 from __future__ import annotations
 
 import torch
-
 from conftest import LLAMA
+
 from trainer_client import AdamParams, AsyncServiceClient, Datum, SamplingParams
 
 
