@@ -186,17 +186,32 @@ def test_save_state_and_resume_with_optimizer_equals_uninterrupted(running: Runn
     service_client.close("success").result()
 
 
-@pytest.mark.xfail(
-    strict=True, reason="the core resumes a STATE checkpoint only with its optimizer (TrainingCore.resume_session)"
-)
 def test_create_from_state_without_optimizer_starts_fresh_moments(running: Running) -> None:
     service_client = sdk(running)
     tc, batch, path = _trained_with_checkpoint(service_client)
     weights_only = service_client.create_training_client_from_state(path).result()
+    resumed = service_client.create_training_client_from_state_with_optimizer(path).result()
+    np.testing.assert_array_equal(logprobs_of(weights_only, batch), logprobs_of(resumed, batch))  # same weights
     for _ in range(2):
         weights_only.forward_backward(batch, "cross_entropy")
         weights_only.optim_step(ADAM).result()
     assert not np.array_equal(logprobs_of(weights_only, batch), logprobs_of(tc, batch))  # fresh Adam moments
+    service_client.close("success").result()
+
+
+def test_load_state_into_a_live_training_client(running: Running) -> None:
+    service_client = sdk(running)
+    tc, batch, path = _trained_with_checkpoint(service_client)
+    other = service_client.create_lora_training_client(base_model=LLAMA, rank=4, seed=99).result()
+    other.forward_backward(batch, "cross_entropy")  # pending gradients are dropped by the load
+    other.load_state_with_optimizer(path).result()
+    for _ in range(2):
+        other.forward_backward(batch, "cross_entropy")
+        other.optim_step(ADAM).result()
+    np.testing.assert_array_equal(logprobs_of(other, batch), logprobs_of(tc, batch))
+    wrong = service_client.create_lora_training_client(base_model=LLAMA, rank=8).result()
+    with pytest.raises(tinker.RequestFailedError, match="LoRA rank 4"):
+        wrong.load_state(path).result()
     service_client.close("success").result()
 
 

@@ -287,15 +287,34 @@ def read_state_info(state_dir: Path) -> tuple[dict[str, Any], LoraSpec | None]:
     return info, config
 
 
-def load_state(state: SessionModel, state_dir: Path, info: dict[str, Any], *, restore_rng: bool = True) -> None:
-    """Load trainable weights, optimizer state and step (and the RNG) into a fresh session."""
+def load_state(
+    state: SessionModel,
+    state_dir: Path,
+    info: dict[str, Any],
+    *,
+    restore_rng: bool = True,
+    with_optimizer: bool = True,
+) -> None:
+    """Load a STATE checkpoint into a session: trainable weights, and the rest of its training state.
+
+    With ``with_optimizer`` (resuming), also the AdamW state, pending gradients, step and RNG;
+    without (Tinker's weights-only load), the optimizer starts afresh and no gradient is pending.
+    The session's LoRA layout must be the checkpoint's.
+    """
     tensors = load_file(str(state_dir / _TRAINABLE), device=str(state.device))
     named = {n: p for n, p in state.model.named_parameters() if p.requires_grad}
     if set(named) != set(tensors):
-        raise invalid_argument("the STATE checkpoint's trainable tensors do not match this session's")
+        raise invalid_argument(
+            "the STATE checkpoint's trainable tensors do not match this session's (another LoRA rank or targets, "
+            "or LoRA against full fine-tune)"
+        )
     with torch.no_grad():
         for name, p in named.items():
             p.copy_(sharded_like(tensors[name], p))
+            p.grad = None
+    state.optimizer = None
+    if not with_optimizer:
+        return
     extra = torch.load(state_dir / _OPTIMIZER, weights_only=True, map_location=state.device)
     optimizer = extra["optimizer"]
     if optimizer is not None:

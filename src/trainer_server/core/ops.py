@@ -36,7 +36,7 @@ from trainer_server._engine import AdamSettings, SessionModel
 from trainer_server._models import BaseModel, load_base_model
 from trainer_server._sampling import Sample as SampleOut
 from trainer_server._sampling import SamplingSettings, generate
-from trainer_server.core.errors import ErrorCode, ServiceError, failed_precondition
+from trainer_server.core.errors import ErrorCode, ServiceError, failed_precondition, invalid_argument
 from trainer_server.core.types import LoraSpec
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "Engine",
     "Forward",
     "Hello",
+    "LoadState",
     "OptimStep",
     "Ping",
     "Release",
@@ -96,6 +97,16 @@ class ResumeSession(Op):
     session_id: str
     base_model: str
     directory: str
+    with_optimizer: bool = True
+
+
+@dataclass(frozen=True)
+class LoadState(Op):
+    """Load a STATE checkpoint's weights (and optimizer state) into a live session, on every rank."""
+
+    session_id: str
+    directory: str
+    with_optimizer: bool
 
 
 @dataclass(frozen=True)
@@ -179,6 +190,12 @@ class _Held:
     session_id: str = ""
 
 
+def _describe(lora: LoraSpec | None) -> str:
+    if lora is None:
+        return "full fine-tune"
+    return f"LoRA rank {lora.rank} ({', '.join(lora.target_modules) or 'all linear'})"
+
+
 class _SavedBytes:
     """Counts the bytes of the tensors autograd saves for a backward (distinct storages, no parameters).
 
@@ -234,6 +251,7 @@ class Engine:
             Shutdown: self._nothing,
             CreateSession: self._create_session,
             ResumeSession: self._resume_session,
+            LoadState: self._load_state,
             CloseSession: self._close_session,
             Forward: self._forward,
             Backward: self._backward,
@@ -312,9 +330,21 @@ class Engine:
         directory = Path(op.directory)
         info, lora = _export.read_state_info(directory)
         state = self._new_session(op.base_model, lora, int(info["seed"]))
-        _export.load_state(state, directory, info)
+        _export.load_state(state, directory, info, with_optimizer=op.with_optimizer)
         state.last_base = str(info.get("last_base", ""))
         self.sessions[op.session_id] = state
+
+    def _load_state(self, op: LoadState) -> int:
+        state = self._session(op.session_id)
+        directory = Path(op.directory)
+        info, lora = _export.read_state_info(directory)
+        if lora != state.lora:
+            raise invalid_argument(
+                f"the checkpoint is of a {_describe(lora)} session, this session is {_describe(state.lora)}; "
+                "load it into a session of the same kind (or create one from it)"
+            )
+        _export.load_state(state, directory, info, restore_rng=False, with_optimizer=op.with_optimizer)
+        return state.step
 
     def _close_session(self, op: CloseSession) -> None:
         self.sessions.pop(op.session_id, None)

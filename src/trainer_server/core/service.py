@@ -460,13 +460,17 @@ class TrainingCore:
 
         task.add_done_callback(done)
 
-    async def resume_session(self, owner: str, checkpoint: str, *, base_model: str = "") -> Session:
+    async def resume_session(
+        self, owner: str, checkpoint: str, *, base_model: str = "", with_optimizer: bool = True
+    ) -> Session:
         """Build a session from a STATE checkpoint; training continues exactly.
 
         Args:
             owner: the caller (the checkpoint must be theirs).
             checkpoint: the STATE checkpoint's name.
             base_model: when given, must be the checkpoint's base model.
+            with_optimizer: also restore the AdamW state, pending gradients and step (resume);
+                False loads the weights only, with a fresh optimizer.
         """
         store = self.checkpoint_store(owner)
         manifest = store.manifest(checkpoint)
@@ -482,7 +486,9 @@ class TrainingCore:
         self.sessions.check_capacity(owner)
         directory = str(store.path(manifest.name).resolve())
         await asyncio.to_thread(store.verify, manifest.name)
-        session = await self._admit(owner, base, lambda sid: _ops.ResumeSession(sid, base.name, directory))
+        session = await self._admit(
+            owner, base, lambda sid: _ops.ResumeSession(sid, base.name, directory, with_optimizer)
+        )
         log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
         return session
 
@@ -815,6 +821,41 @@ class TrainingCore:
 
         async def run(session: Session, seq_call: SequencedCall) -> CheckpointResult:
             return await self._save_checkpoint(session, seq_call, name, kind, dtype)
+
+        return await self._sequenced(call, run)
+
+    async def load_checkpoint(self, call: CallRef, checkpoint: str, *, with_optimizer: bool) -> int:
+        """Load a STATE checkpoint into the live session, after its earlier calls (a barrier).
+
+        The checkpoint must be of a session of the same kind (LoRA rank and targets, or full).
+        Gradients accumulated and not yet applied are dropped; with ``with_optimizer`` the
+        AdamW state and step come from the checkpoint, otherwise the optimizer starts afresh.
+
+        Returns:
+            The session's step afterwards.
+        """
+
+        async def run(session: Session, seq_call: SequencedCall) -> int:
+            store = self.checkpoint_store(session.owner)
+            manifest = store.manifest(checkpoint)
+            if manifest.kind != "state":
+                raise invalid_argument(
+                    f"loading needs a STATE checkpoint; {manifest.name!r} is {manifest.kind.upper()}"
+                )
+            if manifest.base_model != session.base.name:
+                raise invalid_argument(
+                    f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, this session of "
+                    f"{session.base.name!r}"
+                )
+            await asyncio.to_thread(store.verify, manifest.name)
+            directory = str(store.path(manifest.name).resolve())
+            await seq_call.wait_turn(self.config.sequence_gap_timeout_s)
+
+            async def apply() -> int:
+                step: int = await self.run_op(_ops.LoadState(session.id, directory, with_optimizer))
+                return step
+
+            return await seq_call.commit(apply(), record=True)
 
         return await self._sequenced(call, run)
 

@@ -148,13 +148,8 @@ class CoreBackend:
 
     async def load_model(self, owner: str, checkpoint: str, *, with_optimizer: bool) -> be.ModelHandle:
         """See :meth:`TinkerBackend.load_model`."""
-        if not with_optimizer:
-            raise be.InvalidInput(
-                "loading weights without the optimizer state is not supported by this server yet; "
-                "use create_training_client_from_state_with_optimizer"
-            )
         try:
-            session = await self.core.resume_session(owner, checkpoint)
+            session = await self.core.resume_session(owner, checkpoint, with_optimizer=with_optimizer)
         except ServiceError as exc:
             raise self._translate(exc) from None
         info = self.checkpoint(owner, checkpoint)
@@ -262,10 +257,11 @@ class CoreBackend:
 
     async def load_state(self, model: be.ModelHandle, checkpoint: str, *, with_optimizer: bool) -> None:
         """See :meth:`TinkerBackend.load_state`."""
-        raise be.InvalidInput(
-            "load_state into an existing training client is not supported by this server yet; "
-            "use create_training_client_from_state_with_optimizer"
-        )
+        live = self._live_of(model)
+        try:
+            await self.core.load_checkpoint(self._call(live), checkpoint, with_optimizer=with_optimizer)
+        except ServiceError as exc:
+            raise self._translate(exc) from None
 
     # ---- sampling -------------------------------------------------------------------
 
