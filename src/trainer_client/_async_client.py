@@ -22,16 +22,18 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import torch
 
+from trainer_client._address import parse_target
 from trainer_client._config import ClientConfig
 from trainer_client._errors import (
+    ClientClosedError,
     DataLossError,
     LossFunctionError,
     NotFoundError,
@@ -42,6 +44,7 @@ from trainer_client._errors import (
     from_status,
 )
 from trainer_client._futures import APIFuture
+from trainer_client._tokenizer import load_tokenizer
 from trainer_client._types import (
     CHECKPOINT_KINDS,
     AdamParams,
@@ -57,8 +60,15 @@ from trainer_client._types import (
     SamplingParams,
     ServerInfo,
 )
-from trainer_proto import alloc, options, pb, pb_grpc, wire
+from trainer_proto import alloc, options, pb, pb_grpc
 from trainer_proto.checksums import sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer_proto import wire
+else:
+    from trainer_client._lazy import torch, wire
 
 __all__ = ["AsyncServiceClient", "AsyncTrainingClient"]
 
@@ -105,6 +115,11 @@ _REQUESTS: Mapping[str, Any] = {
 def _sample_request(
     prompt: Sequence[int] | torch.Tensor, num_samples: int, params: SamplingParams | None, prompt_logprobs: bool
 ) -> pb.SampleRequest:
+    if isinstance(prompt, str):
+        raise TypeError(
+            "sample() takes the prompt's token ids, not text: encode it first, e.g. "
+            "sample(tokenizer.encode(prompt), ...) with tokenizer = await training_client.get_tokenizer()"
+        )
     tokens = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.int64)
     return pb.SampleRequest(
         prompt=wire.tensor_to_wire(tokens.to(torch.int64)),
@@ -117,9 +132,10 @@ def _sample_request(
 class _Stream:
     """One bidi call with typed reads: errors become client exceptions."""
 
-    def __init__(self, call: Any, method: str) -> None:
+    def __init__(self, call: Any, method: str, service: AsyncServiceClient) -> None:
         self.call = call
         self.method = method
+        self.service = service
 
     async def write(self, msg: Any) -> None:
         try:
@@ -134,7 +150,7 @@ class _Stream:
         code = await self.call.code()
         details = await self.call.details()
         if code != grpc.StatusCode.OK:
-            raise from_status(code, details, self.method)
+            raise from_status(code, details, self.method, target=self.service.target, tls=self.service.tls)
         raise ProtocolError(f"{self.method}: the server ended the stream early")
 
     async def read(self, *expected: str) -> Any:
@@ -142,7 +158,7 @@ class _Stream:
         try:
             msg = await self.call.read()
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc_error(exc, self.method) from exc
+            raise self.service._translate(exc, self.method) from exc
         if msg is grpc.aio.EOF:
             await self._raise_status()
         kind = msg.WhichOneof("message")
@@ -211,6 +227,7 @@ class AsyncTrainingClient:
         self._loop = asyncio.get_running_loop()
         self._failed: list[APIFuture[Any]] = []
         self._closed = False
+        self._gradient_calls = 0  # forward_backward calls since the last optim_step
         # The server refuses calls beyond its in-flight limit; hold them back here instead,
         # so a loop may submit as far ahead as it likes.
         self._slots = asyncio.Semaphore(response.max_inflight_calls or 1 << 30)
@@ -231,7 +248,8 @@ class AsyncTrainingClient:
 
     def _submit(self, name: str, run: Callable[[int], Awaitable[T]]) -> APIFuture[T]:
         if self._closed:
-            raise RuntimeError(f"session {self.session_id} is closed")
+            raise ClientClosedError(f"session {self.session_id} is closed; create a new training client")
+        self._service._check_open()
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError("use a training client on the event loop that created it (or the sync TrainingClient)")
@@ -268,7 +286,7 @@ class AsyncTrainingClient:
         call = svc._channel.stream_stream(
             f"/{_SERVICE}/{method}", request_serializer=requests.serialize, response_deserializer=responses.deserialize
         )(timeout=svc.config.timeout_s, metadata=svc._metadata)
-        return _Stream(call, method)
+        return _Stream(call, method, svc)
 
     async def _send_datums(self, stream: _Stream, start_field: str, start: Any, batches: list[pb.DatumBatch]) -> None:
         request = _REQUESTS[stream.method]
@@ -339,6 +357,7 @@ class AsyncTrainingClient:
                 loss=r.loss, metrics=dict(r.metrics), logprobs=logprobs, num_tokens=r.num_tokens
             )
 
+        self._gradient_calls += 1
         return self._submit("forward_backward", run)
 
     def forward_backward_custom(
@@ -392,18 +411,35 @@ class AsyncTrainingClient:
                 num_tokens=result.num_tokens,
             )
 
+        self._gradient_calls += 1
         return self._submit("forward_backward_custom", run)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
-        """Apply AdamW to the gradients accumulated since the last step, then clear them."""
+        """Apply AdamW to the gradients accumulated since the last step, then clear them.
+
+        With no forward_backward submitted since the previous step there is nothing to apply.
+        As in Tinker, the step is still taken and counted, and changes no weight (AdamW skips
+        parameters without a gradient); the result says so (``no_gradient=True``) and a
+        ``RuntimeWarning`` is emitted, since it is almost always a bug in the loop.
+        """
         params = (adam_params or AdamParams()).to_proto()
+        no_gradient = self._gradient_calls == 0
+        if no_gradient:
+            warnings.warn(
+                f"optim_step on session {self.session_id} with no forward_backward since the last step: "
+                "no gradient to apply, the weights will not change",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
         async def run(seq: int) -> OptimStepResult:
             request = pb.OptimStepRequest(call=self._header(seq), adam_params=params)
             response = await self._service._unary("OptimStep", request, self._service.config.timeout_s)
-            return OptimStepResult(step=response.step, grad_norm=response.grad_norm)
+            return OptimStepResult(step=response.step, grad_norm=response.grad_norm, no_gradient=no_gradient)
 
-        return self._submit("optim_step", run)
+        future = self._submit("optim_step", run)
+        self._gradient_calls = 0
+        return future
 
     def sample(
         self,
@@ -463,7 +499,7 @@ class AsyncTrainingClient:
         return self._submit("save_checkpoint", run)
 
     async def get_tokenizer(self) -> Any:
-        """The base model's tokenizer (a ``tokenizers.Tokenizer``), fetched once."""
+        """The base model's tokenizer, fetched once (see :meth:`AsyncServiceClient.get_tokenizer`)."""
         return await self._service.get_tokenizer(self.base_model)
 
     async def close(self) -> None:
@@ -493,7 +529,8 @@ class AsyncServiceClient:
     """A connection to a training server.
 
     Args:
-        target: ``host:port`` of the server.
+        target: the server: ``host:port``, ``host`` (port 50051), ``http://host:port`` or
+            ``https://host:port`` (TLS).
         api_key: sent as ``authorization: Bearer <key>``; defaults to ``$TRAINER_API_KEY``.
         config: deadlines, sizes and retries.
         tls: connect with TLS (system roots unless ``root_certificates`` is given).
@@ -511,7 +548,8 @@ class AsyncServiceClient:
         root_certificates: bytes | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.target = target
+        self.target, self.tls = parse_target(target, tls=tls or root_certificates is not None)
+        target = self.target
         self.config = config or ClientConfig()
         if self.config.tune_allocator:
             alloc.tune_allocator()
@@ -520,22 +558,32 @@ class AsyncServiceClient:
             keepalive_time_s=self.config.keepalive_time_s,
             keepalive_timeout_s=self.config.keepalive_timeout_s,
         )
-        if channel is None and (tls or root_certificates is not None):
+        if channel is None and self.tls:
             channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=opts)
         self._channel = channel or grpc.aio.insecure_channel(target, options=opts)
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
         api_key = api_key if api_key is not None else os.environ.get("TRAINER_API_KEY")
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self._tokenizers: dict[str, Any] = {}
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError(f"the client to {self.target} is closed; open a new one")
+
+    def _translate(self, exc: grpc.aio.AioRpcError, method: str) -> Exception:
+        """The client exception for a gRPC error (connection failures worded for this target)."""
+        return from_grpc_error(exc, method, target=self.target, tls=self.tls)
 
     async def _with_retry(self, method: str, attempt: Callable[[], Awaitable[T]], *, retry: bool) -> T:
         """Run ``attempt``; on UNAVAILABLE, when ``retry``, again after a jittered backoff."""
+        self._check_open()
         attempts = self.config.retry_attempts if retry else 1
         for n in range(attempts):
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as exc:
-                error = from_grpc_error(exc, method)
+                error = self._translate(exc, method)
                 if not isinstance(error, UnavailableError) or n == attempts - 1:
                     raise error from exc
             await asyncio.sleep(random.uniform(0, self.config.retry_backoff_s * 2**n))
@@ -595,6 +643,7 @@ class AsyncServiceClient:
         return AsyncTrainingClient(self, response)
 
     async def _sample(self, request: pb.SampleRequest) -> SampleOutput:
+        self._check_open()
         call = self._stub.Sample(request, timeout=self.config.timeout_s, metadata=self._metadata)
         sequences: list[SampledSequence] = []
         prompt_logprobs = None
@@ -614,7 +663,7 @@ class AsyncServiceClient:
                         )
                     )
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc_error(exc, "Sample") from exc
+            raise self._translate(exc, "Sample") from exc
         if len(sequences) != request.num_samples:
             raise ProtocolError(f"Sample: got {len(sequences)} sequences, asked for {request.num_samples}")
         return SampleOutput(sequences=sequences, prompt_logprobs=prompt_logprobs)
@@ -714,18 +763,25 @@ class AsyncServiceClient:
         part.replace(dest)
 
     async def get_tokenizer(self, base_model: str) -> Any:
-        """The tokenizer of a served model, as a ``tokenizers.Tokenizer`` (cached)."""
+        """The tokenizer of a served model, built from its own files (cached).
+
+        With ``transformers`` installed: a Hugging Face ``PreTrainedTokenizerFast`` (via
+        ``AutoTokenizer``), chat template and special tokens included (``apply_chat_template``,
+        ``eos_token_id``, ``decode(skip_special_tokens=True)``). Without it: the raw
+        ``tokenizers.Tokenizer``, with ``eos_token``/``eos_token_id`` attributes set from the
+        model's files. Either way the EOS is the model's (tokenizer config, else generation config).
+        """
         if base_model not in self._tokenizers:
             files = await self.get_tokenizer_files(base_model)
-            if "tokenizer.json" not in files:
-                raise ProtocolError(f"model {base_model!r} has no tokenizer.json (files: {sorted(files)})")
-            from tokenizers import Tokenizer
-
-            self._tokenizers[base_model] = Tokenizer.from_str(files["tokenizer.json"].decode())
+            try:
+                tokenizer = await asyncio.to_thread(load_tokenizer, files)
+            except ProtocolError as exc:
+                raise ProtocolError(f"model {base_model!r}: {exc}") from exc
+            self._tokenizers[base_model] = tokenizer
         return self._tokenizers[base_model]
 
     async def get_tokenizer_files(self, base_model: str) -> dict[str, bytes]:
-        """The raw tokenizer files of a served model, by file name."""
+        """The model's tokenizer and generation files by name: ``tokenizer.json``, ``chat_template.jinja``, ..."""
 
         async def attempt() -> dict[str, bytes]:
             files: dict[str, bytearray] = {}
@@ -744,7 +800,8 @@ class AsyncServiceClient:
         return await self._with_retry("GetTokenizer", attempt, retry=True)
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Close the channel; later calls raise :class:`ClientClosedError`."""
+        self._closed = True
         await self._channel.close()
 
     async def __aenter__(self) -> AsyncServiceClient:
