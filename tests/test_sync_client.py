@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import LLAMA, QWEN, make_config
 from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from trainer_client import (
     AdamParams,
@@ -34,6 +35,7 @@ from trainer_client import (
     TrainingClient,
 )
 from trainer_server import ServerConfig, TrainerServer
+from trainer_server.builtin_models import EOS_TOKEN
 
 DATA = [
     Datum.from_tokens([3, 4, 5, 6, 7], [8, 9, 10, 11]),
@@ -164,21 +166,26 @@ def test_loss_decreases_on_a_fixed_batch(tc: TrainingClient) -> None:
 
 def test_get_tokenizer_round_trips_and_builds_datums(sync_service: ServiceClient, tc: TrainingClient) -> None:
     tokenizer = tc.get_tokenizer()
-    assert isinstance(tokenizer, Tokenizer)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)  # transformers is installed here
     text = "Question: what is 12 + 7? Answer: 19"
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = tokenizer.encode(text, add_special_tokens=False)
     assert ids
     assert tokenizer.decode(ids) == text
-    assert sync_service.get_tokenizer(LLAMA).to_str() == tokenizer.to_str()
-    assert isinstance(sync_service.get_tokenizer(QWEN), Tokenizer)
+    assert sync_service.get_tokenizer(LLAMA) is tokenizer  # cached
+    assert isinstance(sync_service.get_tokenizer(QWEN), PreTrainedTokenizerFast)
+    files = sync_service.get_tokenizer_files(LLAMA)
+    assert Tokenizer.from_str(files["tokenizer.json"].decode()).get_vocab() == tokenizer.get_vocab()
+    assert set(files) == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"}
 
+    # EOS is the model's own (tokenizer_config.json), not a guess from a list of strings.
+    assert tokenizer.eos_token == EOS_TOKEN
     datum = Datum.from_text(tokenizer, "12 + 7 =", " 19")
-    prompt = tokenizer.encode("12 + 7 =", add_special_tokens=False).ids
-    response = tokenizer.encode(" 19", add_special_tokens=False).ids
+    prompt = tokenizer.encode("12 + 7 =", add_special_tokens=False)
+    response = tokenizer.encode(" 19", add_special_tokens=False)
     prompt_len = len(prompt)
     assert len(datum) == prompt_len + len(response)  # response + EOS, shifted by one
     assert datum.model_input.tolist() == prompt + response
-    assert datum.target_tokens.tolist() == [*prompt[1:], *response, tokenizer.token_to_id("<|eos|>")]
+    assert datum.target_tokens.tolist() == [*prompt[1:], *response, tokenizer.convert_tokens_to_ids(EOS_TOKEN)]
     assert datum.weights[: prompt_len - 1].sum() == 0
     assert bool((datum.weights[prompt_len - 1 :] == 1).all())
     out = tc.forward([datum]).result(timeout=60)
