@@ -99,7 +99,7 @@ def datum_from_messages(
     if not assistant:
         raise ValueError("no assistant message to train on")
     text = _render(tokenizer, msgs, generation_prompt=False)
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     ids: list[int] = list(encoded["input_ids"])
     if train_on == "all_tokens":
         weights = [1.0] * len(ids)
