@@ -160,17 +160,19 @@ async def test_train_sample_export_and_reload(
 
     for exported in (base_dir, adapter_dir):  # the template and the EOS list travel with the weights
         assert (exported / "chat_template.jinja").read_text() == FAMILIES[name].chat_template
-        assert json.loads((exported / "generation_config.json").read_text())["eos_token_id"] == json.loads(
-            (family_dirs[name] / "generation_config.json").read_text()
-        )["eos_token_id"]
+        assert (
+            json.loads((exported / "generation_config.json").read_text())["eos_token_id"]
+            == json.loads((family_dirs[name] / "generation_config.json").read_text())["eos_token_id"]
+        )
     reloaded_tok = AutoTokenizer.from_pretrained(base_dir)
     assert reloaded_tok.eos_token == FAMILIES[name].eos
     assert reloaded_tok.apply_chat_template(MESSAGES) == tok.apply_chat_template(MESSAGES)
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    assert base.generation_config.eos_token_id == AutoModelForCausalLM.from_pretrained(
-        family_dirs[name]
-    ).generation_config.eos_token_id
+    assert (
+        base.generation_config.eos_token_id
+        == AutoModelForCausalLM.from_pretrained(family_dirs[name]).generation_config.eos_token_id
+    )
     torch.testing.assert_close(logprobs_of(base, datum), trained, atol=1e-4, rtol=1e-4)
     with_adapter = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(family_dirs[name], dtype=torch.float32), adapter_dir
