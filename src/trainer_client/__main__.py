@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from trainer_client._errors import TrainerError
+from trainer_client._errors import TrainerError, UnavailableError
 from trainer_client._sync_client import ServiceClient
 from trainer_client._types import CheckpointInfo
 
@@ -31,7 +31,16 @@ __all__ = ["main"]
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--server", default="localhost:50051", help="HOST:PORT, HOST or http(s)://HOST:PORT (default localhost:50051)"
+        "--server",
+        default=None,
+        help="HOST:PORT, HOST or http(s)://HOST:PORT (default: $TRAINER_SERVER, else localhost:50051)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the server to come up (e.g. right after starting it)",
     )
     parser.add_argument("--api-key", default=None, help="API key (default: $TRAINER_API_KEY)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
@@ -69,12 +78,27 @@ def _checkpoint_table(checkpoints: list[CheckpointInfo]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
 
+def _wait_for_server(client: ServiceClient, wait_s: float) -> None:
+    """Poll until the server answers (its models loaded), for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            client.get_server_info()
+            return
+        except UnavailableError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (1 on a server error)."""
     args = _parser().parse_args(argv)
     roots = args.root_certificates.read_bytes() if args.root_certificates else None
     try:
         with ServiceClient(args.server, api_key=args.api_key, tls=args.tls, root_certificates=roots) as client:
+            if args.wait > 0:
+                _wait_for_server(client, args.wait)
             if args.command == "info":
                 info = client.get_server_info()
                 print(json.dumps({**vars(info), "models": [vars(m) for m in info.models]}, indent=2))

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["DEFAULT_PORT", "parse_target"]
+__all__ = ["DEFAULT_PORT", "DEFAULT_TARGET", "parse_target"]
 
 DEFAULT_PORT = 50051
 """The port ``trainer-server`` listens on by default, used when an address has none."""
+DEFAULT_TARGET = f"localhost:{DEFAULT_PORT}"
+"""Where clients connect when neither an address nor ``$TRAINER_SERVER`` is given."""
 
 _GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
 _FORMS = "expected HOST, HOST:PORT, http://HOST:PORT or https://HOST:PORT (e.g. localhost:50051)"

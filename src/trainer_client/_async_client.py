@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from trainer_client._address import parse_target
+from trainer_client._address import DEFAULT_TARGET, parse_target
 from trainer_client._config import ClientConfig
 from trainer_client._errors import (
     ClientClosedError,
@@ -530,7 +530,7 @@ class AsyncServiceClient:
 
     Args:
         target: the server: ``host:port``, ``host`` (port 50051), ``http://host:port`` or
-            ``https://host:port`` (TLS).
+            ``https://host:port`` (TLS); defaults to ``$TRAINER_SERVER``, else ``localhost:50051``.
         api_key: sent as ``authorization: Bearer <key>``; defaults to ``$TRAINER_API_KEY``.
         config: deadlines, sizes and retries.
         tls: connect with TLS (system roots unless ``root_certificates`` is given).
@@ -540,7 +540,7 @@ class AsyncServiceClient:
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | None = None,
         *,
         api_key: str | None = None,
         config: ClientConfig | None = None,
@@ -548,6 +548,7 @@ class AsyncServiceClient:
         root_certificates: bytes | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
+        target = target or os.environ.get("TRAINER_SERVER") or DEFAULT_TARGET
         self.target, self.tls = parse_target(target, tls=tls or root_certificates is not None)
         target = self.target
         self.config = config or ClientConfig()

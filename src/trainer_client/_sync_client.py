@@ -171,7 +171,7 @@ class ServiceClient(_OnPortal):
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | None = None,
         *,
         api_key: str | None = None,
         config: ClientConfig | None = None,

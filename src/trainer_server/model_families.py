@@ -20,6 +20,8 @@ family's special tokens; the tokenizer adds the family's BOS where the real one 
 Gemma, Mistral). Chat templates are written here after the families' published ones (Llama-3
 Instruct, Qwen2.5 Instruct with its default system prompt, Gemma-it, Mistral-Instruct). Builds
 are deterministic, take about a second, and are written in a temp sibling renamed into place.
+
+From the shell: ``python -m trainer_server.model_families qwen2.5 models/tiny-chat``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 from trainer_server.builtin_models import _replace_dir, _trained_tokenizer_json
 
-__all__ = ["FAMILIES", "Family", "build_family_model"]
+__all__ = ["FAMILIES", "Family", "build_family_model", "main"]
 
 _LLAMA3_TEMPLATE = (
     "{{- bos_token }}"
@@ -287,3 +289,22 @@ def _check_saved(model_dir: Path) -> None:
         if not (model_dir / name).is_file():
             raise RuntimeError(f"save_pretrained did not write {name} in {model_dir}")
     json.loads((model_dir / "tokenizer_config.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m trainer_server.model_families FAMILY DIR``: build a model, print its directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer_server.model_families", description="Build a tiny model shaped like a real family."
+    )
+    parser.add_argument("family", choices=sorted(FAMILIES))
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--max-position-embeddings", type=int, default=256)
+    args = parser.parse_args(argv)
+    print(build_family_model(args.out_dir, args.family, max_position_embeddings=args.max_position_embeddings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
