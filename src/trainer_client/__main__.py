@@ -79,16 +79,22 @@ def _checkpoint_table(checkpoints: list[CheckpointInfo]) -> str:
 
 
 def _wait_for_server(client: ServiceClient, wait_s: float) -> None:
-    """Poll until the server answers (its models loaded), for up to ``wait_s`` seconds."""
+    """Poll until the server answers with its models loaded, for up to ``wait_s`` seconds.
+
+    A starting server listens (and answers GetServerInfo with no models) before its models are
+    loaded, so an answer alone is not enough.
+    """
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            client.get_server_info()
-            return
+            if client.get_server_info().models:
+                return
         except UnavailableError:
             if time.monotonic() >= deadline:
                 raise
-            time.sleep(0.5)
+        if time.monotonic() >= deadline:
+            raise UnavailableError(f"the server at {client.target} answers but has loaded no model after {wait_s} s")
+        time.sleep(0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
