@@ -11,6 +11,7 @@ transformers and peft load back with the same logprobs, template and EOS.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,19 @@ async def test_train_sample_export_and_reload(
     torch.testing.assert_close(logprobs_of(with_adapter, datum), trained, atol=1e-4, rtol=1e-4)
     untrained = logprobs_of(AutoModelForCausalLM.from_pretrained(family_dirs[name], dtype=torch.float32), datum)
     assert float((trained - untrained).abs().max()) > 1e-3  # the training really changed the weights
+
+
+async def test_large_base_export_logs_its_progress(
+    service: AsyncServiceClient, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trainer_server import _export
+
+    monkeypatch.setattr(_export, "_PROGRESS_MIN_BYTES", 0)  # every export counts as large
+    tc = await service.create_training_client("llama3", lora_rank=4)
+    with caplog.at_level(logging.INFO, logger="trainer_server.export"):
+        await tc.save_checkpoint("llama3-logged", "base", dtype="float32")
+    lines = [r.getMessage() for r in caplog.records if r.name == "trainer_server.export"]
+    assert any("GiB to gather" in line for line in lines), lines
+    assert [line for line in lines if "% gathered" in line][-1].startswith("BASE export of llama3: 100% gathered")
+    assert any("written in" in line for line in lines), lines
+    await tc.close()

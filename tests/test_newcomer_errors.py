@@ -140,10 +140,14 @@ async def test_optim_step_without_gradient_is_reported(server: TrainerServer, se
     await tc.close()
 
 
-def test_datum_loss_inputs_as_lists() -> None:
+async def test_datum_loss_inputs_as_lists(service: AsyncServiceClient) -> None:
     datum = Datum([1, 2, 3], {"target_tokens": [2, 3, 4], "weights": [0, 1, 1], "advantages": [0.5, 0.5, 0.5]})
     assert datum.target_tokens.dtype.is_floating_point is False
     assert datum.weights.tolist() == [0.0, 1.0, 1.0] and datum.weights.dtype.is_floating_point
     assert datum.loss_fn_inputs["advantages"].tolist() == [0.5, 0.5, 0.5]
-    with pytest.raises(ValueError, match=r"loss_fn_inputs\['weights'\] has shape \(2,\); expected \(3,\)"):
-        Datum([1, 2, 3], {"target_tokens": [2, 3, 4], "weights": [1, 1]})
+    tc = await service.create_training_client(LLAMA, lora_rank=4)
+    as_lists = await tc.forward_backward([datum])
+    as_tensors = await tc.forward_backward([Datum.from_tokens([1, 2], [3, 4])])
+    assert as_lists.num_tokens == as_tensors.num_tokens == 3
+    assert as_lists.loss == pytest.approx(as_tensors.loss, rel=1e-6)  # same weights: targets 3, 4 only
+    await tc.close()

@@ -60,27 +60,21 @@ class Datum:
             ``target_tokens`` is required, ``weights`` defaults to all ones on the server.
 
     Raises:
-        ValueError: a value that is not 1-D, or a loss input of another length than ``model_input``.
+        ValueError: a list that is not 1-D.
     """
 
     model_input: torch.Tensor
     loss_fn_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        model_input = _as_tensor(self.model_input, torch.int64)
-        inputs: dict[str, torch.Tensor] = {}
-        for name, value in self.loss_fn_inputs.items():
-            if isinstance(value, torch.Tensor):
-                t = value
-            else:
-                t = _as_tensor(value, torch.int64 if name == "target_tokens" else torch.float32)
-            if t.dim() != 1 or len(t) != len(model_input):
-                raise ValueError(
-                    f"loss_fn_inputs[{name!r}] has shape {tuple(t.shape)}; expected ({len(model_input)},), "
-                    "one value per model_input token"
-                )
-            inputs[name] = t
-        object.__setattr__(self, "model_input", model_input)
+        # Lengths are checked by the server, which names the datum and field in its error.
+        inputs = {
+            name: value
+            if isinstance(value, torch.Tensor)
+            else _as_tensor(value, torch.int64 if name == "target_tokens" else torch.float32)
+            for name, value in self.loss_fn_inputs.items()
+        }
+        object.__setattr__(self, "model_input", _as_tensor(self.model_input, torch.int64))
         object.__setattr__(self, "loss_fn_inputs", inputs)
 
     @property
