@@ -53,8 +53,7 @@ def doc_files() -> list[Path]:
 def blocks(path: Path) -> list[Block]:
     text = path.read_text()
     return [
-        Block(path, text.count("\n", 0, m.start()) + 1, m.group(1).lower(), m.group(2))
-        for m in FENCE.finditer(text)
+        Block(path, text.count("\n", 0, m.start()) + 1, m.group(1).lower(), m.group(2)) for m in FENCE.finditer(text)
     ]
 
 
