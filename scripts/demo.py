@@ -64,7 +64,7 @@ from trainer_client import (
 )
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger("demo")
 

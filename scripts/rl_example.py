@@ -78,7 +78,7 @@ from trainer_client import (
 )
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 log = logging.getLogger("rl_example")
 
@@ -87,7 +87,6 @@ DEFAULT_STEPS = 60
 QUICK_STEPS = 25
 DEFAULT_LR = 1e-2
 LOSSES = ("importance_sampling", "ppo")
-EOS_TOKENS = ("<|eos|>", "</s>", "<|endoftext|>", "<eos>")
 
 
 # ---- the task and its reward ---------------------------------------------------------------------
@@ -134,8 +133,8 @@ def score(text: str, answer: int) -> tuple[float, int | None]:
 
 
 def eos_ids(tokenizer: Tokenizer) -> set[int]:
-    """Ids of the tokenizer's end-of-sequence tokens."""
-    return {i for t in EOS_TOKENS if (i := tokenizer.token_to_id(t)) is not None}
+    """The model's end-of-sequence token id (read from its tokenizer config by get_tokenizer)."""
+    return {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
 
 
 # ---- RL datums ------------------------------------------------------------------------------------
@@ -191,7 +190,7 @@ def score_groups(
     for problem, prompt, out in zip(problems, prompts, outputs, strict=True):
         group = []
         for seq in out.sequences:
-            text = tokenizer.decode([t for t in seq.tokens if t not in eos])
+            text = str(tokenizer.decode([t for t in seq.tokens if t not in eos]))
             reward, pred = score(text, problem.answer)
             group.append(reward)
             exact.append(pred == problem.answer)
@@ -249,7 +248,7 @@ async def train(tc: AsyncTrainingClient, tokenizer: Tokenizer, cfg: Config) -> H
     rng = random.Random(cfg.seed)
     problems = make_problems()
     eos = eos_ids(tokenizer)
-    encoded = {p: tokenizer.encode(p.prompt, add_special_tokens=False).ids for p in problems}
+    encoded = {p: tokenizer.encode(p.prompt, add_special_tokens=False) for p in problems}
     loss_config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2} if cfg.loss == "ppo" else {}
     adam = AdamParams(learning_rate=cfg.lr, grad_clip_norm=1.0)
 
@@ -324,11 +323,11 @@ async def greedy_accuracy(tc: AsyncTrainingClient, tokenizer: Tokenizer, max_tok
     problems = make_problems()
     eos = eos_ids(tokenizer)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    futures = [tc.sample(tokenizer.encode(p.prompt, add_special_tokens=False).ids, 1, params) for p in problems]
+    futures = [tc.sample(tokenizer.encode(p.prompt, add_special_tokens=False), 1, params) for p in problems]
     outputs = [await f for f in futures]
     rewards, exact = [], []
     for p, out in zip(problems, outputs, strict=True):
-        text = tokenizer.decode([t for t in out.sequences[0].tokens if t not in eos])
+        text = str(tokenizer.decode([t for t in out.sequences[0].tokens if t not in eos]))
         reward, pred = score(text, p.answer)
         rewards.append(reward)
         exact.append(pred == p.answer)

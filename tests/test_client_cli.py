@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -36,7 +38,9 @@ async def test_cli_lists_downloads_and_deletes(llama_dir: Path, qwen_dir: Path, 
         assert code == 0 and LLAMA in [m["name"] for m in json.loads(out)["models"]]
 
         code, out, _ = await run_cli("--server", server.address, "checkpoints")
-        assert code == 0 and out.startswith("ck1\tbase\tstep 1\t")
+        header, row = out.splitlines()
+        assert code == 0 and header.split() == ["NAME", "KIND", "STEP", "SIZE", "DTYPE", "BASE", "CREATED"]
+        assert row.split()[:6] == ["ck1", "base", "1", *f"{info.total_bytes / 1024:.1f} KiB".split(), "float32"]
 
         dest = tmp_path / "dl"
         code, out, _ = await run_cli("--server", server.address, "download", "ck1", str(dest), "--quiet")
@@ -51,4 +55,29 @@ async def test_cli_lists_downloads_and_deletes(llama_dir: Path, qwen_dir: Path, 
         code, out, _ = await run_cli("--server", server.address, "delete", "ck1")
         assert code == 0 and "deleted ck1" in out
         code, out, _ = await run_cli("--server", server.address, "checkpoints")
-        assert code == 0 and out == ""
+        assert code == 0 and out == "no checkpoints\n"
+
+
+def test_cli_start_imports_no_torch() -> None:
+    """The shell commands never touch a tensor, so nothing on their path may import torch (seconds)."""
+    code = (
+        "import sys, time\n"
+        "start = time.perf_counter()\n"
+        "import trainer_client.__main__ as cli\n"
+        "cli._parser().parse_args(['checkpoints'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'numpy')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"the CLI imports heavy modules: {result.stdout}"
+
+
+async def test_cli_names_the_address_when_no_server_listens() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    code, _, err = await run_cli("--server", f"127.0.0.1:{port}", "checkpoints")
+    assert code == 1
+    assert f"no trainer-server at 127.0.0.1:{port} (is it running?)" in err
+    code, _, err = await run_cli("--server", "ftp://127.0.0.1:1", "info")
+    assert code == 1 and "expected HOST, HOST:PORT" in err

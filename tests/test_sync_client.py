@@ -7,6 +7,7 @@ process; the tests themselves are ordinary functions, like a user's script or no
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import threading
 import time
@@ -18,11 +19,15 @@ import pytest
 import torch
 from conftest import LLAMA, QWEN, make_config
 from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
 
 from trainer_client import (
     AdamParams,
     APIFuture,
     APIStatusError,
+    AsyncServiceClient,
+    AsyncTrainingClient,
+    ClientClosedError,
     ClientConfig,
     Datum,
     ForwardBackwardOutput,
@@ -34,6 +39,7 @@ from trainer_client import (
     TrainingClient,
 )
 from trainer_server import ServerConfig, TrainerServer
+from trainer_server.builtin_models import EOS_TOKEN
 
 DATA = [
     Datum.from_tokens([3, 4, 5, 6, 7], [8, 9, 10, 11]),
@@ -164,21 +170,31 @@ def test_loss_decreases_on_a_fixed_batch(tc: TrainingClient) -> None:
 
 def test_get_tokenizer_round_trips_and_builds_datums(sync_service: ServiceClient, tc: TrainingClient) -> None:
     tokenizer = tc.get_tokenizer()
-    assert isinstance(tokenizer, Tokenizer)
+    assert isinstance(tokenizer, PreTrainedTokenizerFast)  # transformers is installed here
     text = "Question: what is 12 + 7? Answer: 19"
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    ids = tokenizer.encode(text, add_special_tokens=False)
     assert ids
     assert tokenizer.decode(ids) == text
-    assert sync_service.get_tokenizer(LLAMA).to_str() == tokenizer.to_str()
-    assert isinstance(sync_service.get_tokenizer(QWEN), Tokenizer)
+    assert sync_service.get_tokenizer(LLAMA) is tokenizer  # cached
+    assert isinstance(sync_service.get_tokenizer(QWEN), PreTrainedTokenizerFast)
+    files = sync_service.get_tokenizer_files(LLAMA)
+    assert Tokenizer.from_str(files["tokenizer.json"].decode()).get_vocab() == tokenizer.get_vocab()
+    assert set(files) == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+    }
 
+    # EOS is the model's own (tokenizer_config.json), not a guess from a list of strings.
+    assert tokenizer.eos_token == EOS_TOKEN
     datum = Datum.from_text(tokenizer, "12 + 7 =", " 19")
-    prompt = tokenizer.encode("12 + 7 =", add_special_tokens=False).ids
-    response = tokenizer.encode(" 19", add_special_tokens=False).ids
+    prompt = tokenizer.encode("12 + 7 =", add_special_tokens=False)
+    response = tokenizer.encode(" 19", add_special_tokens=False)
     prompt_len = len(prompt)
     assert len(datum) == prompt_len + len(response)  # response + EOS, shifted by one
     assert datum.model_input.tolist() == prompt + response
-    assert datum.target_tokens.tolist() == [*prompt[1:], *response, tokenizer.token_to_id("<|eos|>")]
+    assert datum.target_tokens.tolist() == [*prompt[1:], *response, tokenizer.convert_tokens_to_ids(EOS_TOKEN)]
     assert datum.weights[: prompt_len - 1].sum() == 0
     assert bool((datum.weights[prompt_len - 1 :] == 1).all())
     out = tc.forward([datum]).result(timeout=60)
@@ -222,3 +238,31 @@ def test_sync_call_inside_a_running_event_loop_warns(sync_service: ServiceClient
 
     fut = asyncio.run(misuse())
     assert fut.result(timeout=60).step == 1
+
+
+def test_result_timeout_says_what_timed_out(tc: TrainingClient) -> None:
+    fb = tc.forward_backward([Datum.from_tokens(list(range(1, 60)), [5])] * 8)
+    with pytest.raises(TimeoutError, match=r"forward_backward #\d+ of session .* did not finish within 1e-06 s"):
+        fb.result(timeout=1e-6)
+    assert fb.result(timeout=120).num_tokens > 0  # it went on running; waiting again gets it
+
+
+def test_sync_client_has_every_call_of_the_async_one() -> None:
+    for sync_cls, async_cls in ((ServiceClient, AsyncServiceClient), (TrainingClient, AsyncTrainingClient)):
+        public = {n for n in dir(async_cls) if not n.startswith("_")}
+        missing = sorted(n for n in public if not hasattr(sync_cls, n))
+        assert not missing, f"{sync_cls.__name__} lacks {missing}"
+        for name in public:
+            if callable(getattr(async_cls, name)):
+                sync_params = list(inspect.signature(getattr(sync_cls, name)).parameters)
+                assert sync_params == list(inspect.signature(getattr(async_cls, name)).parameters), name
+
+
+def test_closed_sync_client_raises_the_projects_error(threaded_server: ThreadedServer) -> None:
+    client = ServiceClient(threaded_server.address)
+    tc = client.create_training_client(LLAMA, lora_rank=4)
+    client.close()
+    with pytest.raises(ClientClosedError, match=f"the client to {threaded_server.address} is closed"):
+        client.list_checkpoints()
+    with pytest.raises(ClientClosedError):
+        tc.optim_step()

@@ -14,8 +14,10 @@ Sync (a facade running the async client on a background loop)::
         tc = service.create_training_client(base_model="tiny-llama", lora_rank=16)
         out = tc.forward_backward_custom(datums, loss_fn).result()
 
-This package needs grpcio, protobuf, torch, numpy, anyio and tokenizers; it never
-imports transformers, peft or accelerate.
+This package needs grpcio, protobuf, torch, numpy, anyio and tokenizers, and never needs
+transformers, peft or accelerate: with transformers installed, ``get_tokenizer()`` returns a
+Hugging Face tokenizer (chat templates, ``Datum.from_messages``), else the raw ``tokenizers``
+one. torch is imported on first use, so the ``trainer-client`` shell commands start fast.
 """
 
 from trainer_client._async_client import AsyncServiceClient, AsyncTrainingClient
@@ -25,6 +27,7 @@ from trainer_client._errors import (
     AlreadyExistsError,
     APIStatusError,
     CallCancelledError,
+    ClientClosedError,
     DataLossError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -75,6 +78,7 @@ __all__ = [
     "CallCancelledError",
     "CheckpointFile",
     "CheckpointInfo",
+    "ClientClosedError",
     "ClientConfig",
     "DataLossError",
     "Datum",

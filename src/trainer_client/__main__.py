@@ -8,7 +8,9 @@ Examples::
     trainer-client delete step-100
 
 The API key comes from ``--api-key`` or ``$TRAINER_API_KEY``; ``--root-certificates`` (PEM)
-or ``--tls`` turns on TLS.
+or ``--tls`` turns on TLS. The server address may also be ``HOST`` (port 50051) or
+``http(s)://HOST:PORT``. Commands answer in well under a second: nothing on their path
+imports torch.
 """
 
 from __future__ import annotations
@@ -19,15 +21,27 @@ import sys
 import time
 from pathlib import Path
 
-from trainer_client._errors import TrainerError
+from trainer_client._errors import TrainerError, UnavailableError
 from trainer_client._sync_client import ServiceClient
+from trainer_client._types import CheckpointInfo
 
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trainer-client", description=__doc__.splitlines()[0])
-    parser.add_argument("--server", default="localhost:50051", help="HOST:PORT (default localhost:50051)")
+    parser.add_argument(
+        "--server",
+        default=None,
+        help="HOST:PORT, HOST or http(s)://HOST:PORT (default: $TRAINER_SERVER, else localhost:50051)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS for the server to come up (e.g. right after starting it)",
+    )
     parser.add_argument("--api-key", default=None, help="API key (default: $TRAINER_API_KEY)")
     parser.add_argument("--tls", action="store_true", help="connect with TLS (system roots)")
     parser.add_argument("--root-certificates", type=Path, default=None, help="PEM roots for TLS")
@@ -43,26 +57,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _size(nbytes: int) -> str:
+    size = float(nbytes)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def _checkpoint_table(checkpoints: list[CheckpointInfo]) -> str:
+    """An aligned table with a header row, or a sentence when there is nothing to list."""
+    if not checkpoints:
+        return "no checkpoints"
+    rows = [("NAME", "KIND", "STEP", "SIZE", "DTYPE", "BASE", "CREATED")]
+    for c in checkpoints:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created_at))
+        rows.append((c.name, c.kind, str(c.step), _size(c.total_bytes), c.dtype, c.base_checkpoint or "-", created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _wait_for_server(client: ServiceClient, wait_s: float) -> None:
+    """Poll until the server answers with its models loaded, for up to ``wait_s`` seconds.
+
+    A starting server listens (and answers GetServerInfo with no models) before its models are
+    loaded, so an answer alone is not enough.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if client.get_server_info().models:
+                return
+        except UnavailableError:
+            if time.monotonic() >= deadline:
+                raise
+        if time.monotonic() >= deadline:
+            raise UnavailableError(f"the server at {client.target} answers but has loaded no model after {wait_s} s")
+        time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; returns the exit status (1 on a server error)."""
     args = _parser().parse_args(argv)
     roots = args.root_certificates.read_bytes() if args.root_certificates else None
     try:
         with ServiceClient(args.server, api_key=args.api_key, tls=args.tls, root_certificates=roots) as client:
+            if args.wait > 0:
+                _wait_for_server(client, args.wait)
             if args.command == "info":
                 info = client.get_server_info()
                 print(json.dumps({**vars(info), "models": [vars(m) for m in info.models]}, indent=2))
             elif args.command == "checkpoints":
-                for c in client.list_checkpoints():
-                    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created_at))
-                    print(f"{c.name}\t{c.kind}\tstep {c.step}\t{c.total_bytes} bytes\t{c.dtype}\t{created}")
+                print(_checkpoint_table(client.list_checkpoints()))
             elif args.command == "download":
                 out = client.download_checkpoint(args.name, args.out_dir, progress=not args.quiet)
                 print(f"downloaded {args.name} to {out}")
             else:
                 client.delete_checkpoint(args.name)
                 print(f"deleted {args.name}")
-    except TrainerError as exc:
+    except (TrainerError, ValueError, OSError) as exc:  # ValueError: a bad --server address
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -24,16 +24,18 @@ import contextlib
 import logging
 import os
 import random
+import warnings
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import torch
 
+from trainer_client._address import DEFAULT_TARGET, parse_target
 from trainer_client._config import ClientConfig
 from trainer_client._errors import (
+    ClientClosedError,
     DataLossError,
     LossFunctionError,
     NotFoundError,
@@ -44,6 +46,7 @@ from trainer_client._errors import (
     from_status,
 )
 from trainer_client._futures import APIFuture
+from trainer_client._tokenizer import load_tokenizer
 from trainer_client._types import (
     CHECKPOINT_KINDS,
     AdamParams,
@@ -60,8 +63,15 @@ from trainer_client._types import (
     ServerInfo,
     SessionInfo,
 )
-from trainer_proto import alloc, options, pb, pb_grpc, wire
+from trainer_proto import alloc, options, pb, pb_grpc
 from trainer_proto.checksums import sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from trainer_proto import wire
+else:
+    from trainer_client._lazy import torch, wire
 
 __all__ = ["AsyncServiceClient", "AsyncTrainingClient"]
 
@@ -110,6 +120,11 @@ _REQUESTS: Mapping[str, Any] = {
 def _sample_request(
     prompt: Sequence[int] | torch.Tensor, num_samples: int, params: SamplingParams | None, prompt_logprobs: bool
 ) -> pb.SampleRequest:
+    if isinstance(prompt, str):
+        raise TypeError(
+            "sample() takes the prompt's token ids, not text: encode it first, e.g. "
+            "sample(tokenizer.encode(prompt), ...) with tokenizer = await training_client.get_tokenizer()"
+        )
     tokens = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.int64)
     return pb.SampleRequest(
         prompt=wire.tensor_to_wire(tokens.to(torch.int64)),
@@ -122,9 +137,10 @@ def _sample_request(
 class _Stream:
     """One bidi call with typed reads: errors become client exceptions."""
 
-    def __init__(self, call: Any, method: str) -> None:
+    def __init__(self, call: Any, method: str, service: AsyncServiceClient) -> None:
         self.call = call
         self.method = method
+        self.service = service
 
     async def write(self, msg: Any) -> None:
         try:
@@ -139,7 +155,7 @@ class _Stream:
         code = await self.call.code()
         details = await self.call.details()
         if code != grpc.StatusCode.OK:
-            raise from_status(code, details, self.method)
+            raise from_status(code, details, self.method, target=self.service.target, tls=self.service.tls)
         raise ProtocolError(f"{self.method}: the server ended the stream early")
 
     async def read(self, *expected: str) -> Any:
@@ -147,7 +163,7 @@ class _Stream:
         try:
             msg = await self.call.read()
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc_error(exc, self.method) from exc
+            raise self.service._translate(exc, self.method) from exc
         if msg is grpc.aio.EOF:
             await self._raise_status()
         kind = msg.WhichOneof("message")
@@ -216,6 +232,7 @@ class AsyncTrainingClient:
         self._loop = asyncio.get_running_loop()
         self._failed: list[APIFuture[Any]] = []
         self._closed = False
+        self._gradient_calls = 0  # forward_backward calls since the last optim_step
         # The server refuses calls beyond its in-flight limit; hold them back here instead,
         # so a loop may submit as far ahead as it likes.
         self._slots = asyncio.Semaphore(response.max_inflight_calls or 1 << 30)
@@ -237,7 +254,8 @@ class AsyncTrainingClient:
 
     def _submit(self, name: str, run: Callable[[int], Awaitable[T]]) -> APIFuture[T]:
         if self._closed:
-            raise RuntimeError(f"session {self.session_id} is closed")
+            raise ClientClosedError(f"session {self.session_id} is closed; create a new training client")
+        self._service._check_open()
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             raise RuntimeError("use a training client on the event loop that created it (or the sync TrainingClient)")
@@ -274,7 +292,7 @@ class AsyncTrainingClient:
         call = svc._channel.stream_stream(
             f"/{_SERVICE}/{method}", request_serializer=requests.serialize, response_deserializer=responses.deserialize
         )(timeout=svc.config.timeout_s, metadata=svc._metadata)
-        return _Stream(call, method)
+        return _Stream(call, method, svc)
 
     async def _send_datums(self, stream: _Stream, start_field: str, start: Any, batches: list[pb.DatumBatch]) -> None:
         request = _REQUESTS[stream.method]
@@ -345,6 +363,7 @@ class AsyncTrainingClient:
                 loss=r.loss, metrics=dict(r.metrics), logprobs=logprobs, num_tokens=r.num_tokens
             )
 
+        self._gradient_calls += 1
         return self._submit("forward_backward", run)
 
     def forward_backward_custom(
@@ -398,18 +417,35 @@ class AsyncTrainingClient:
                 num_tokens=result.num_tokens,
             )
 
+        self._gradient_calls += 1
         return self._submit("forward_backward_custom", run)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResult]:
-        """Apply AdamW to the gradients accumulated since the last step, then clear them."""
+        """Apply AdamW to the gradients accumulated since the last step, then clear them.
+
+        With no forward_backward submitted since the previous step there is nothing to apply.
+        As in Tinker, the step is still taken and counted, and changes no weight (AdamW skips
+        parameters without a gradient); the result says so (``no_gradient=True``) and a
+        ``RuntimeWarning`` is emitted, since it is almost always a bug in the loop.
+        """
         params = (adam_params or AdamParams()).to_proto()
+        no_gradient = self._gradient_calls == 0
+        if no_gradient:
+            warnings.warn(
+                f"optim_step on session {self.session_id} with no forward_backward since the last step: "
+                "no gradient to apply, the weights will not change",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
         async def run(seq: int) -> OptimStepResult:
             request = pb.OptimStepRequest(call=self._header(seq), adam_params=params)
             response = await self._service._unary("OptimStep", request, self._service.config.timeout_s)
-            return OptimStepResult(step=response.step, grad_norm=response.grad_norm)
+            return OptimStepResult(step=response.step, grad_norm=response.grad_norm, no_gradient=no_gradient)
 
-        return self._submit("optim_step", run)
+        future = self._submit("optim_step", run)
+        self._gradient_calls = 0
+        return future
 
     def sample(
         self,
@@ -469,7 +505,7 @@ class AsyncTrainingClient:
         return self._submit("save_checkpoint", run)
 
     async def get_tokenizer(self) -> Any:
-        """The base model's tokenizer (a ``tokenizers.Tokenizer``), fetched once."""
+        """The base model's tokenizer, fetched once (see :meth:`AsyncServiceClient.get_tokenizer`)."""
         return await self._service.get_tokenizer(self.base_model)
 
     async def close(self) -> None:
@@ -502,7 +538,8 @@ class AsyncServiceClient:
     """A connection to a training server.
 
     Args:
-        target: ``host:port`` of the server.
+        target: the server: ``host:port``, ``host`` (port 50051), ``http://host:port`` or
+            ``https://host:port`` (TLS); defaults to ``$TRAINER_SERVER``, else ``localhost:50051``.
         api_key: sent as ``authorization: Bearer <key>``; defaults to ``$TRAINER_API_KEY``.
         config: deadlines, sizes and retries.
         tls: connect with TLS (system roots unless ``root_certificates`` is given).
@@ -512,7 +549,7 @@ class AsyncServiceClient:
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | None = None,
         *,
         api_key: str | None = None,
         config: ClientConfig | None = None,
@@ -520,7 +557,9 @@ class AsyncServiceClient:
         root_certificates: bytes | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self.target = target
+        target = target or os.environ.get("TRAINER_SERVER") or DEFAULT_TARGET
+        self.target, self.tls = parse_target(target, tls=tls or root_certificates is not None)
+        target = self.target
         self.config = config or ClientConfig()
         if self.config.tune_allocator:
             alloc.tune_allocator()
@@ -529,7 +568,7 @@ class AsyncServiceClient:
             keepalive_time_s=self.config.keepalive_time_s,
             keepalive_timeout_s=self.config.keepalive_timeout_s,
         )
-        if channel is None and (tls or root_certificates is not None):
+        if channel is None and self.tls:
             channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates), options=opts)
         self._channel = channel or grpc.aio.insecure_channel(target, options=opts)
         self._stub = pb_grpc.TrainerServiceStub(self._channel)
@@ -538,6 +577,15 @@ class AsyncServiceClient:
         self._tokenizers: dict[str, Any] = {}
         self._leases: dict[str, float] = {}  # open sessions of this client -> their TTL
         self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClientClosedError(f"the client to {self.target} is closed; open a new one")
+
+    def _translate(self, exc: grpc.aio.AioRpcError, method: str) -> Exception:
+        """The client exception for a gRPC error (connection failures worded for this target)."""
+        return from_grpc_error(exc, method, target=self.target, tls=self.tls)
 
     # ---- leases ----------------------------------------------------------------------
 
@@ -597,12 +645,13 @@ class AsyncServiceClient:
 
     async def _with_retry(self, method: str, attempt: Callable[[], Awaitable[T]], *, retry: bool) -> T:
         """Run ``attempt``; on UNAVAILABLE, when ``retry``, again after a jittered backoff."""
+        self._check_open()
         attempts = self.config.retry_attempts if retry else 1
         for n in range(attempts):
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as exc:
-                error = from_grpc_error(exc, method)
+                error = self._translate(exc, method)
                 if not isinstance(error, UnavailableError) or n == attempts - 1:
                     raise error from exc
             await asyncio.sleep(random.uniform(0, self.config.retry_backoff_s * 2**n))
@@ -662,6 +711,7 @@ class AsyncServiceClient:
         return AsyncTrainingClient(self, response)
 
     async def _sample(self, request: pb.SampleRequest) -> SampleOutput:
+        self._check_open()
         call = self._stub.Sample(request, timeout=self.config.timeout_s, metadata=self._metadata)
         sequences: list[SampledSequence] = []
         prompt_logprobs = None
@@ -681,7 +731,7 @@ class AsyncServiceClient:
                         )
                     )
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc_error(exc, "Sample") from exc
+            raise self._translate(exc, "Sample") from exc
         if len(sequences) != request.num_samples:
             raise ProtocolError(f"Sample: got {len(sequences)} sequences, asked for {request.num_samples}")
         return SampleOutput(sequences=sequences, prompt_logprobs=prompt_logprobs)
@@ -781,18 +831,25 @@ class AsyncServiceClient:
         part.replace(dest)
 
     async def get_tokenizer(self, base_model: str) -> Any:
-        """The tokenizer of a served model, as a ``tokenizers.Tokenizer`` (cached)."""
+        """The tokenizer of a served model, built from its own files (cached).
+
+        With ``transformers`` installed: a Hugging Face ``PreTrainedTokenizerFast`` (via
+        ``AutoTokenizer``), chat template and special tokens included (``apply_chat_template``,
+        ``eos_token_id``, ``decode(skip_special_tokens=True)``). Without it: the raw
+        ``tokenizers.Tokenizer``, with ``eos_token``/``eos_token_id`` attributes set from the
+        model's files. Either way the EOS is the model's (tokenizer config, else generation config).
+        """
         if base_model not in self._tokenizers:
             files = await self.get_tokenizer_files(base_model)
-            if "tokenizer.json" not in files:
-                raise ProtocolError(f"model {base_model!r} has no tokenizer.json (files: {sorted(files)})")
-            from tokenizers import Tokenizer
-
-            self._tokenizers[base_model] = Tokenizer.from_str(files["tokenizer.json"].decode())
+            try:
+                tokenizer = await asyncio.to_thread(load_tokenizer, files)
+            except ProtocolError as exc:
+                raise ProtocolError(f"model {base_model!r}: {exc}") from exc
+            self._tokenizers[base_model] = tokenizer
         return self._tokenizers[base_model]
 
     async def get_tokenizer_files(self, base_model: str) -> dict[str, bytes]:
-        """The raw tokenizer files of a served model, by file name."""
+        """The model's tokenizer and generation files by name: ``tokenizer.json``, ``chat_template.jinja``, ..."""
 
         async def attempt() -> dict[str, bytes]:
             files: dict[str, bytearray] = {}
@@ -811,7 +868,11 @@ class AsyncServiceClient:
         return await self._with_retry("GetTokenizer", attempt, retry=True)
 
     async def close(self) -> None:
-        """Stop the heartbeats and close the channel (sessions stay open until their lease ends)."""
+        """Stop the heartbeats and close the channel; later calls raise :class:`ClientClosedError`.
+
+        Sessions stay open on the server until their lease ends (or are closed by their clients).
+        """
+        self._closed = True
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

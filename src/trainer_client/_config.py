@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer_proto import options, wire
+from trainer_proto import options
 
 __all__ = ["ClientConfig"]
 
@@ -35,7 +35,7 @@ class ClientConfig:
     timeout_s: float = 600.0
     unary_timeout_s: float = 60.0
     max_message_bytes: int = options.DEFAULT_MAX_MESSAGE_BYTES
-    chunk_bytes: int = wire.DEFAULT_CHUNK_BYTES
+    chunk_bytes: int = options.DEFAULT_CHUNK_BYTES
     keepalive_time_s: float = options.DEFAULT_KEEPALIVE_TIME_S
     keepalive_timeout_s: float = options.DEFAULT_KEEPALIVE_TIMEOUT_S
     retry_attempts: int = 4

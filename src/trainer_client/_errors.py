@@ -20,9 +20,14 @@
     │   ├── UnavailableError           UNAVAILABLE
     │   ├── DataLossError              DATA_LOSS
     │   └── UnauthenticatedError       UNAUTHENTICATED
+    ├── ClientClosedError              the client or session was closed (also a RuntimeError)
     ├── LossFunctionError              the user's loss_fn raised or returned something unusable
     ├── ProtocolError                  the server sent a stream the client cannot make sense of
     └── PreviousCallFailedError        an earlier call on the session failed and nobody read its error
+
+A failed connection is worded for what the user can do (``no trainer-server at HOST:PORT (is it
+running?)``, a plaintext client meeting a TLS server, a TLS client meeting a plaintext one),
+with gRPC's own details kept at the end of the message.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ __all__ = [
     "AbortedError",
     "AlreadyExistsError",
     "CallCancelledError",
+    "ClientClosedError",
     "DataLossError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -176,6 +182,10 @@ class UnauthenticatedError(APIStatusError):
     code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class ClientClosedError(TrainerError, RuntimeError):
+    """The client or the training session was closed; open a new one to go on."""
+
+
 class LossFunctionError(TrainerError):
     """The user's loss function raised or returned something unusable."""
 
@@ -211,11 +221,35 @@ _BY_CODE: dict[grpc.StatusCode, type[APIStatusError]] = {
 }
 
 
-def from_status(code: grpc.StatusCode, details: str | None, method: str) -> APIStatusError:
-    """The exception for a non-OK status."""
-    return _BY_CODE.get(code, UnknownError)(details or "", code=code, method=method)
+def _connection_hint(details: str, target: str, tls: bool) -> str:
+    """What a failed connection means for the user, or "" when it is not a connection failure."""
+    if "Socket closed" in details and not tls:
+        return (
+            f"the server at {target} closed the connection during the handshake: it may serve TLS "
+            "(connect with tls=True, or root_certificates=..., or --tls on the command line)"
+        )
+    if "handshake failed" in details.lower() and tls:
+        return (
+            f"the TLS handshake with {target} failed: the server may be plaintext (connect without "
+            "tls/root_certificates), or its certificate is not signed by the roots given"
+        )
+    if any(s in details for s in ("Connection refused", "DNS resolution failed", "failed to connect", "No route")):
+        return f"no trainer-server at {target} (is it running?)"
+    return ""
 
 
-def from_grpc_error(exc: grpc.aio.AioRpcError, method: str) -> APIStatusError:
+def from_status(
+    code: grpc.StatusCode, details: str | None, method: str, *, target: str = "", tls: bool = False
+) -> APIStatusError:
+    """The exception for a non-OK status; ``target`` and ``tls`` word connection failures."""
+    details = details or ""
+    if code == grpc.StatusCode.UNAVAILABLE and target:
+        hint = _connection_hint(details, target, tls)
+        if hint:
+            details = f"{hint} [{details}]"
+    return _BY_CODE.get(code, UnknownError)(details, code=code, method=method)
+
+
+def from_grpc_error(exc: grpc.aio.AioRpcError, method: str, *, target: str = "", tls: bool = False) -> APIStatusError:
     """Translate a gRPC error into the matching exception class (the caller chains it)."""
-    return from_status(exc.code(), exc.details(), method)
+    return from_status(exc.code(), exc.details(), method, target=target, tls=tls)

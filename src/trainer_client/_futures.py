@@ -118,7 +118,17 @@ class APIFuture(Generic[T]):
             RuntimeError: called from the event loop that runs the call.
         """
         self._check_not_on_loop()
-        return asyncio.run_coroutine_threadsafe(self._wait(), self._loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(self._wait(), self._loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError as exc:
+            if not future.done():
+                future.cancel()  # stops waiting only; the call itself goes on
+                raise TimeoutError(
+                    f"{self.description} did not finish within {timeout} s; it is still running on the server "
+                    "(call .result() again to keep waiting, or .cancel() to cancel it)"
+                ) from exc
+            raise
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """Wait like :meth:`result` and return the call's error, or None."""

@@ -14,13 +14,13 @@ import warnings
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import torch
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from trainer_client._async_client import AsyncServiceClient, AsyncTrainingClient
 from trainer_client._config import ClientConfig
+from trainer_client._errors import ClientClosedError
 from trainer_client._futures import APIFuture
 from trainer_client._types import (
     AdamParams,
@@ -35,6 +35,9 @@ from trainer_client._types import (
     ServerInfo,
     SessionInfo,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ServiceClient", "TrainingClient"]
 
@@ -59,6 +62,9 @@ class _OnPortal:
 
     _portal: BlockingPortal
 
+    def _check_open(self) -> None:
+        """Raise :class:`ClientClosedError` once the owning ServiceClient was closed."""
+
     def _submit(self, fn: Callable[..., APIFuture[T]], *args: Any, **kwargs: Any) -> APIFuture[T]:
         """Call a method that starts a call and returns its future (no waiting).
 
@@ -67,12 +73,14 @@ class _OnPortal:
         its result instead of the future. So the future travels boxed in a tuple.
         """
         _warn_if_in_event_loop(f"{type(self).__name__}.{fn.__name__}")
+        self._check_open()
         (future,) = self._portal.call(lambda: (fn(*args, **kwargs),))
         return future
 
     def _wait(self, fn: Callable[..., Awaitable[T]], *args: Any, **kwargs: Any) -> T:
         """Run a coroutine method to completion."""
         _warn_if_in_event_loop(f"{type(self).__name__}.{fn.__name__}")
+        self._check_open()
 
         async def run() -> T:
             return await fn(*args, **kwargs)
@@ -83,11 +91,15 @@ class _OnPortal:
 class TrainingClient(_OnPortal):
     """Sync facade over :class:`AsyncTrainingClient`; see that class for each method."""
 
-    def __init__(self, portal: BlockingPortal, inner: AsyncTrainingClient) -> None:
-        self._portal = portal
+    def __init__(self, service: ServiceClient, inner: AsyncTrainingClient) -> None:
+        self._service = service
+        self._portal = service._portal
         self._inner = inner
         self.session_id = inner.session_id
         self.base_model = inner.base_model
+
+    def _check_open(self) -> None:
+        self._service._check_open()
 
     def forward(self, data: Sequence[Datum], *, logprobs_dtype: str = "float32") -> APIFuture[ForwardOutput]:
         """See :meth:`AsyncTrainingClient.forward`."""
@@ -142,8 +154,9 @@ class TrainingClient(_OnPortal):
         return self._wait(self._inner.get_tokenizer)
 
     def close(self) -> None:
-        """Close the session after the calls already submitted."""
-        self._wait(self._inner.close)
+        """Close the session after the calls already submitted (nothing to do once the client is closed)."""
+        if self._service._portal_cm is not None:
+            self._wait(self._inner.close)
 
     def __enter__(self) -> TrainingClient:
         return self
@@ -159,7 +172,7 @@ class ServiceClient(_OnPortal):
 
     def __init__(
         self,
-        target: str = "localhost:50051",
+        target: str | None = None,
         *,
         api_key: str | None = None,
         config: ClientConfig | None = None,
@@ -174,7 +187,13 @@ class ServiceClient(_OnPortal):
                 target, api_key=api_key, config=config, tls=tls, root_certificates=root_certificates
             )
 
-        self._inner = self._portal.call(make)
+        try:
+            self._inner = self._portal.call(make)
+        except BaseException:
+            cm, self._portal_cm = self._portal_cm, None
+            cm.__exit__(None, None, None)
+            raise
+        self.target = self._inner.target
 
     def get_server_info(self) -> ServerInfo:
         """See :meth:`AsyncServiceClient.get_server_info`."""
@@ -198,15 +217,15 @@ class ServiceClient(_OnPortal):
             lora_target_modules=lora_target_modules,
             seed=seed,
         )
-        return TrainingClient(self._portal, inner)
+        return TrainingClient(self, inner)
 
     def create_training_client_from_state(self, checkpoint: str) -> TrainingClient:
         """See :meth:`AsyncServiceClient.create_training_client_from_state`."""
-        return TrainingClient(self._portal, self._wait(self._inner.create_training_client_from_state, checkpoint))
+        return TrainingClient(self, self._wait(self._inner.create_training_client_from_state, checkpoint))
 
     def attach_training_client(self, session_id: str) -> TrainingClient:
         """See :meth:`AsyncServiceClient.attach_training_client`."""
-        return TrainingClient(self._portal, self._wait(self._inner.attach_training_client, session_id))
+        return TrainingClient(self, self._wait(self._inner.attach_training_client, session_id))
 
     def list_sessions(self) -> list[SessionInfo]:
         """See :meth:`AsyncServiceClient.list_sessions`."""
@@ -250,6 +269,14 @@ class ServiceClient(_OnPortal):
     def get_tokenizer(self, base_model: str) -> Any:
         """See :meth:`AsyncServiceClient.get_tokenizer`."""
         return self._wait(self._inner.get_tokenizer, base_model)
+
+    def get_tokenizer_files(self, base_model: str) -> dict[str, bytes]:
+        """See :meth:`AsyncServiceClient.get_tokenizer_files`."""
+        return self._wait(self._inner.get_tokenizer_files, base_model)
+
+    def _check_open(self) -> None:
+        if self._portal_cm is None:
+            raise ClientClosedError(f"the client to {self.target} is closed; open a new one")
 
     def close(self) -> None:
         """Close the channel and stop the background loop."""

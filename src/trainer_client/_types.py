@@ -10,14 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from trainer_proto import pb, wire
+from trainer_client._tokenizer import token_ids
+from trainer_proto import pb
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    import torch
+
+    from trainer_proto import wire
+else:
+    from trainer_client._lazy import torch, wire
 
 __all__ = [
     "CHECKPOINT_KINDS",
@@ -49,17 +52,31 @@ def _as_tensor(values: Sequence[int] | Sequence[float] | torch.Tensor, dtype: to
 class Datum:
     """One training sequence.
 
+    Tensors or plain lists are accepted: ``Datum([1, 2], {"target_tokens": [2, 3],
+    "weights": [0.0, 1.0]})`` stores int64 ids and ``target_tokens``, float32 for every other input.
+
     Attributes:
         model_input: input token ids, 1-D int64.
         loss_fn_inputs: per-token tensors keyed by name, each as long as ``model_input``;
             ``target_tokens`` is required, ``weights`` defaults to all ones on the server.
+
+    Raises:
+        ValueError: a list that is not 1-D.
     """
 
     model_input: torch.Tensor
     loss_fn_inputs: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Lengths are checked by the server, which names the datum and field in its error.
+        inputs = {
+            name: value
+            if isinstance(value, torch.Tensor)
+            else _as_tensor(value, torch.int64 if name == "target_tokens" else torch.float32)
+            for name, value in self.loss_fn_inputs.items()
+        }
         object.__setattr__(self, "model_input", _as_tensor(self.model_input, torch.int64))
+        object.__setattr__(self, "loss_fn_inputs", inputs)
 
     @property
     def target_tokens(self) -> torch.Tensor:
@@ -119,23 +136,79 @@ class Datum:
         return cls(model_input=t[:-1].clone(), loss_fn_inputs={"target_tokens": t[1:].clone()})
 
     @classmethod
-    def from_text(cls, tokenizer: Tokenizer, prompt: str, response: str, *, add_eos: bool = True) -> Datum:
+    def from_text(
+        cls,
+        tokenizer: Any,
+        prompt: str,
+        response: str,
+        *,
+        add_eos: bool = True,
+        eos_token_id: int | None = None,
+    ) -> Datum:
         """Tokenize a prompt and a response and build a datum (see :meth:`from_tokens`).
 
+        The prompt is encoded with the tokenizer's special tokens (the BOS of families that
+        have one, e.g. Llama-3, Gemma, Mistral), the response without, followed by the
+        model's EOS: the tokenizer's ``eos_token_id``, which ``get_tokenizer()`` reads from the
+        model's tokenizer config (else its generation config). For chat models, prefer
+        :meth:`from_messages`, which applies the model's chat template.
+
         Args:
-            tokenizer: the session's tokenizer (``await training_client.get_tokenizer()``).
+            tokenizer: the session's tokenizer (``await training_client.get_tokenizer()``),
+                a Hugging Face tokenizer or a ``tokenizers.Tokenizer``.
             prompt: prompt text.
-            response: response text; the tokenizer's EOS token is appended when
-                ``add_eos`` and the tokenizer has one.
+            response: response text.
             add_eos: append EOS to the response.
+            eos_token_id: the EOS to append instead of the tokenizer's.
+
+        Raises:
+            ValueError: ``add_eos`` but the tokenizer has no EOS token and none was given.
         """
-        p = tokenizer.encode(prompt, add_special_tokens=False).ids
-        r = list(tokenizer.encode(response, add_special_tokens=False).ids)
+        p = token_ids(tokenizer, prompt, add_special_tokens=True)
+        r = token_ids(tokenizer, response, add_special_tokens=False)
         if add_eos:
-            eos = _eos_id(tokenizer)
-            if eos is not None:
-                r.append(eos)
+            eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
+            if eos is None:
+                raise ValueError(
+                    "the tokenizer has no EOS token (none in the model's tokenizer_config.json or "
+                    "generation_config.json); pass eos_token_id=... or add_eos=False"
+                )
+            r.append(int(eos))
         return cls.from_tokens(p, r)
+
+    @classmethod
+    def from_messages(
+        cls,
+        tokenizer: Any,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        train_on: str = "all_assistant_messages",
+        max_length: int | None = None,
+    ) -> Datum:
+        """A datum from chat messages, rendered with the model's chat template.
+
+        The datum's tokens are exactly ``tokenizer.apply_chat_template(messages, tokenize=True)``'s.
+        Weights are 1.0 on the tokens the trained assistant turns produced (their content and
+        end-of-turn token, e.g. ``<|eot_id|>``, ``<|im_end|>``, ``<end_of_turn>``, ``</s>``) and
+        0.0 on everything else (system and user turns, role headers, the generation prompt).
+
+        Args:
+            tokenizer: the session's Hugging Face tokenizer (``await training_client.get_tokenizer()``
+                with ``transformers`` installed).
+            messages: ``[{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]``.
+            train_on: "all_assistant_messages" (default), "last_assistant_message" (earlier turns
+                are context only) or "all_tokens".
+            max_length: keep at most this many input tokens (cut off the end); default the
+                tokenizer's ``model_max_length``, which is the model's length for our models.
+
+        Raises:
+            TypeError: the tokenizer is not a Hugging Face one.
+            ValueError: an unknown ``train_on``, no chat template, no assistant message, a template
+                that rewrites earlier turns, or nothing left to train on after truncation.
+        """
+        from trainer_client._chat import datum_from_messages
+
+        return datum_from_messages(tokenizer, messages, train_on=train_on, max_length=max_length)
 
     def to_proto(self) -> pb.Datum:
         """Encode for the wire."""
@@ -145,15 +218,7 @@ class Datum:
         return msg
 
 
-def _eos_id(tokenizer: Tokenizer) -> int | None:
-    for token in ("<|eos|>", "</s>", "<|endoftext|>", "<eos>"):
-        tid = tokenizer.token_to_id(token)
-        if tid is not None:
-            return int(tid)
-    return None
-
-
-LossFn = Callable[[list["Datum"], list[torch.Tensor]], tuple[torch.Tensor, Mapping[str, float]]]
+LossFn = Callable[[list["Datum"], list["torch.Tensor"]], tuple["torch.Tensor", Mapping[str, float]]]
 """``loss_fn(data: list[Datum], logprobs: list[Tensor]) -> (loss, metrics)``.
 
 ``logprobs[i]`` has one entry per target of ``data[i]`` and ``requires_grad=True``;
@@ -230,10 +295,13 @@ class OptimStepResult:
     Attributes:
         step: optimizer steps the session has taken, this one included.
         grad_norm: global L2 norm of the accumulated gradients before clipping.
+        no_gradient: no forward_backward was submitted since the previous step, so there was
+            nothing to apply: the step was counted (as in Tinker) but no weight changed.
     """
 
     step: int
     grad_norm: float
+    no_gradient: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,16 @@ client sends them, so neither side closes the connection for "too many pings".
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_KEEPALIVE_TIMEOUT_S", "DEFAULT_KEEPALIVE_TIME_S", "DEFAULT_MAX_MESSAGE_BYTES", "grpc_options"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "DEFAULT_KEEPALIVE_TIMEOUT_S",
+    "DEFAULT_KEEPALIVE_TIME_S",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "grpc_options",
+]
 
+DEFAULT_CHUNK_BYTES = 1 << 20
+"""Chunk size for streamed tensors: 1 MiB measured best on loopback (FACTS.md)."""
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 """Largest single message either end accepts: 64 MiB."""
 DEFAULT_KEEPALIVE_TIME_S = 30.0

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 from google.protobuf.message import Message
 
+from trainer_proto import options
 from trainer_proto.trainer.v1 import trainer_pb2 as pb
 
 if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in use
@@ -45,8 +46,8 @@ __all__ = [
     "tensor_to_wire",
 ]
 
-DEFAULT_CHUNK_BYTES = 1 << 20
-"""Chunk size for streamed tensors: 1 MiB measured best on loopback (FACTS.md)."""
+DEFAULT_CHUNK_BYTES = options.DEFAULT_CHUNK_BYTES
+"""Chunk size for streamed tensors (see :data:`trainer_proto.options.DEFAULT_CHUNK_BYTES`)."""
 
 _TO_TORCH: dict[int, torch.dtype] = {
     pb.DATA_TYPE_FLOAT32: torch.float32,

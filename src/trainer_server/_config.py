@@ -124,6 +124,12 @@ class ServerConfig:
     tinker_port: int | None = None
 
     def __post_init__(self) -> None:
+        # Paths given as strings (the natural thing to write) are taken as paths.
+        object.__setattr__(self, "models", {str(k): Path(v) for k, v in self.models.items()})
+        for name in ("checkpoint_dir", "tls_cert", "tls_key"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, Path(value))
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"ServerConfig.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if not 0 <= self.port < 65536:

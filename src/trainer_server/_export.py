@@ -8,12 +8,15 @@ An ADAPTER is small and PEFT writes it from the live model: :func:`write_adapter
 device thread. Files land in a temp directory that
 :class:`~trainer_server._checkpoints.CheckpointStore` commits atomically.
 
-- BASE: ``config.json``, ``model.safetensors`` (LoRA merged, in the export dtype),
-  ``generation_config.json`` and the tokenizer files: a plain Hugging Face directory.
+- BASE: ``config.json``, ``model.safetensors`` (LoRA merged, in the export dtype) and every
+  tokenizer and generation file of the base model's directory (``generation_config.json``,
+  ``chat_template.jinja``, ... see ``_models.TOKENIZER_FILES``), as the base model had them: a
+  plain Hugging Face directory that keeps its chat template and EOS tokens. A large BASE logs
+  its progress (gathered bytes, then the write) on the ``trainer_server.export`` logger.
 - DELTA: ``delta.json`` + ``delta.bin`` from :mod:`trainer_ckpt.delta`, against the
   session's last BASE file (bitwise XOR of the stored dtype, compressed).
 - ADAPTER: PEFT's own ``save_pretrained`` layout (``adapter_config.json``,
-  ``adapter_model.safetensors``).
+  ``adapter_model.safetensors``) plus the same tokenizer and generation files.
 - STATE: ``trainable.safetensors`` (exact trainable tensors), ``optimizer.pt`` (AdamW
   state and the torch RNG state, loaded back with ``weights_only=True``) and
   ``state.json`` (step, mode, seed, base model, last BASE).
@@ -22,7 +25,9 @@ device thread. Files land in a temp directory that
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,11 @@ __all__ = [
     "write_adapter",
     "write_snapshot",
 ]
+
+log = logging.getLogger("trainer_server.export")
+
+_PROGRESS_MIN_BYTES = 256 << 20
+"""Exports at least this large log their progress (every tenth of the bytes)."""
 
 STATE_FILE = "state.json"
 _TRAINABLE = "trainable.safetensors"
@@ -83,8 +93,40 @@ def merged_state_dict(state: SessionModel) -> Iterator[tuple[str, torch.Tensor]]
         yield clean, (value if delta is None else value + delta)
 
 
+class _Progress:
+    """Logs every tenth of ``total_bytes`` done, for exports big enough to take a while."""
+
+    def __init__(self, what: str, total_bytes: int) -> None:
+        self.what = what
+        self.total = total_bytes
+        self.done = 0
+        self.next_tenth = 1
+        self.start = time.monotonic()
+        self.on = total_bytes >= _PROGRESS_MIN_BYTES
+        if self.on:
+            log.info("%s: %.2f GiB to gather", what, total_bytes / 2**30)
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        while self.on and self.next_tenth <= 10 and self.done * 10 >= self.total * self.next_tenth:
+            log.info(
+                "%s: %d%% gathered (%.2f of %.2f GiB, %.0f s)",
+                self.what,
+                10 * self.next_tenth,
+                self.done / 2**30,
+                self.total / 2**30,
+                time.monotonic() - self.start,
+            )
+            self.next_tenth += 1
+
+
 def _whole(
-    tensors: Iterable[tuple[str, torch.Tensor]], keep: bool, dtype: torch.dtype | None = None, *, copy: bool = True
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    keep: bool,
+    dtype: torch.dtype | None = None,
+    *,
+    copy: bool = True,
+    progress: _Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """Copies of whole tensors on the CPU (in ``dtype``), gathered one at a time when sharded (collective).
 
@@ -107,6 +149,8 @@ def _whole(
                     done[key] = result
             else:
                 result = done[key]
+            if progress is not None and result is not None:
+                progress.add(result.numel() * result.element_size())
             if keep:
                 out[name] = cast(torch.Tensor, result)
     return out
@@ -146,7 +190,9 @@ def take_snapshot(
     """
     optimizer, rng, info, gradients = None, None, {}, {}
     if kind in ("base", "delta"):
-        tensors = _whole(merged_state_dict(state), keep, dtype)
+        total = sum(p.numel() for p in state.base.model.parameters()) * dtype.itemsize
+        progress = _Progress(f"{kind.upper()} export of {state.base.name}", total) if keep else None
+        tensors = _whole(merged_state_dict(state), keep, dtype, progress=progress)
     elif kind == "state":
         tensors = _whole(((n, p) for n, p in state.model.named_parameters() if p.requires_grad), keep)
         optimizer = _optimizer_state(state, keep)
@@ -194,6 +240,11 @@ def write_snapshot(snapshot: Snapshot, out: Path, base_dir: Path | None = None) 
 def _write_base(snapshot: Snapshot, out: Path) -> None:
     """A Hugging Face model directory with the session's (merged) weights."""
     model = snapshot.base.model
+    nbytes = sum(t.numel() * t.element_size() for t in snapshot.tensors.values())
+    started = time.monotonic()
+    loud = nbytes >= _PROGRESS_MIN_BYTES
+    if loud:
+        log.info("BASE export of %s: writing %.2f GiB to %s", snapshot.base.name, nbytes / 2**30, out)
     model.save_pretrained(out, state_dict=snapshot.tensors, safe_serialization=True)
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
@@ -204,7 +255,14 @@ def _write_base(snapshot: Snapshot, out: Path) -> None:
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for name, data in snapshot.base.tokenizer_files.items():
+    _write_model_files(snapshot.base, out)
+    if loud:
+        log.info("BASE export of %s: written in %.1f s", snapshot.base.name, time.monotonic() - started)
+
+
+def _write_model_files(base: BaseModel, out: Path) -> None:
+    """Copy the base model's tokenizer and generation files (chat template, EOS list) into an export."""
+    for name, data in base.tokenizer_files.items():
         (out / name).write_bytes(data)
 
 
@@ -246,6 +304,7 @@ def write_adapter(state: SessionModel, out: Path | None) -> None:
     tensors = _whole(state.model.state_dict(keep_vars=True).items(), out is not None, copy=False)
     if out is not None:
         state.model.save_pretrained(out, state_dict=tensors, safe_serialization=True)
+        _write_model_files(state.base, out)
 
 
 def load_adapter(base: BaseModel, directory: Path, device: torch.device) -> Any:

@@ -27,12 +27,20 @@ TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
     "vocab.json",
+    "vocab.txt",
     "merges.txt",
     "tokenizer.model",
-    "added_tokens.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
 )
-"""Files streamed by GetTokenizer when present in the model directory."""
+"""Tokenizer and generation files of a model directory: streamed by GetTokenizer and copied into
+BASE and ADAPTER exports, so the client's tokenizer and an exported model keep the chat template
+(``chat_template.jinja`` since transformers 4.50) and the EOS tokens (``generation_config.json``)."""
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
