@@ -16,11 +16,15 @@ logits of the previous forward; (4) retires the rows that stopped and returns th
 samples have all finished; (5) forwards the surviving rows' new tokens. Requests join and leave
 between steps, and other device work (another session's training step) runs between steps.
 
-Draws. Each request owns a CPU ``torch.Generator`` seeded from its settings. Every step it draws one
-uniform number per sample (finished samples included), whatever else shares the batch; each row's
-token is then found by inverse-CDF over its filtered distribution in vocabulary order, for all rows
-in one batched op. A seeded request therefore draws the same tokens alone or batched, on CPU or GPU
-(up to ties broken by logit rounding). Greedy requests (temperature 0) take the argmax and draw nothing.
+Draws. Each request owns a ``torch.Generator`` on the model's device, seeded from its settings.
+Every step it draws one Exp(1) number per sample and vocabulary entry (finished samples included),
+whatever else shares the batch, and each row takes ``argmax(p / q)`` over its filtered
+distribution ``p`` (the exponential race, equivalent to Gumbel-max: token ``i`` wins with
+probability ``p[i]``), for all rows in one batched op. A seeded request therefore draws the same
+tokens alone or batched; a token could only change if its two best ratios were within float
+rounding of each other (inverse-CDF sampling, by contrast, flips whenever the uniform falls
+within rounding of any of the vocabulary's CDF steps). Greedy requests (temperature 0) take
+the argmax and draw nothing.
 
 Logprobs. Reported logprobs are the model's own: ``log_softmax`` of the logits at temperature 1,
 before top-k/top-p, for the sampled token and for the top-k alternatives.
@@ -99,7 +103,7 @@ class _RowParams:
     top_k: torch.Tensor | None  # long [B], vocab size for "keep all"; None when no row filters
     top_p: torch.Tensor | None  # [B], 1 for "keep all"
     draw_jobs: list[_Job]  # jobs that draw this step, in the order their draws are concatenated
-    draw_index: torch.Tensor  # long [B]: each row's uniform in the concatenated draws (a trailing 0 for greedy)
+    draw_index: torch.Tensor  # long [B]: each row's noise in the concatenated draws (a trailing row for greedy)
     top_logprobs: int  # widest top-k asked for
 
 
@@ -181,7 +185,7 @@ class DecodeBatch:
         if not self._rows:
             return []
         params = self._params if self._params is not None else self._build_params()
-        chosen = _choose(self._logits, params, self._uniforms(params))
+        chosen = _choose(self._logits, params, self._noise(params))
         if self._agree is not None:
             chosen = self._agree(chosen)
         logp = torch.log_softmax(self._logits, dim=-1)
@@ -234,7 +238,7 @@ class DecodeBatch:
         generator = None
         if settings.temperature > 0:
             seed = settings.seed if settings.seed is not None else random.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator(device=self.model.device).manual_seed(seed)
         stops: dict[int, list[list[int]]] = {}
         for seq in [*settings.stop, *((eos,) for eos in sorted(self.model.eos_token_ids))]:
             stops.setdefault(seq[-1], []).append(list(seq))
@@ -372,18 +376,26 @@ class DecodeBatch:
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device) if filtered else None,
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device) if filtered else None,
             draw_jobs=draw_jobs,
-            draw_index=torch.tensor(draw_index, dtype=torch.int64),
+            draw_index=torch.tensor(draw_index, dtype=torch.int64, device=device),
             top_logprobs=max(row.job.request.settings.top_logprobs for row in self._rows),
         )
         return self._params
 
-    def _uniforms(self, params: _RowParams) -> torch.Tensor | None:
-        """One uniform per row from its request's generator (every sample of a drawing request draws)."""
+    def _noise(self, params: _RowParams) -> torch.Tensor | None:
+        """Exp(1) noise ``[B, V]``, each row's from its request's generator (all its samples draw, finished or not)."""
         if params.all_greedy:
             return None
-        draws = [torch.rand(job.request.settings.num_samples, generator=job.generator) for job in params.draw_jobs]
-        draws.append(torch.zeros(1))
-        return torch.cat(draws)[params.draw_index].to(self._logits.device, non_blocking=True)
+        logits = self._logits
+        vocab = logits.shape[-1]
+        draws = [
+            torch.empty((job.request.settings.num_samples, vocab), device=logits.device).exponential_(
+                generator=job.generator
+            )
+            for job in params.draw_jobs
+        ]
+        draws.append(torch.ones((1, vocab), device=logits.device))  # greedy rows: unused
+        # q = 0 has probability ~0 but would make p / q NaN for a filtered-out token; keep q > 0.
+        return torch.cat(draws)[params.draw_index].clamp_(min=torch.finfo(torch.float32).tiny)
 
     def _finish_reason(self, row: _Row) -> str | None:
         """Why the row's sample ends after its newest token, or None if it goes on."""
@@ -403,22 +415,17 @@ class DecodeBatch:
         return None
 
 
-def _choose(logits: torch.Tensor, params: _RowParams, uniforms: torch.Tensor | None) -> torch.Tensor:
-    """Each row's token: the argmax for greedy rows, else inverse-CDF of its uniform over its distribution."""
+def _choose(logits: torch.Tensor, params: _RowParams, noise: torch.Tensor | None) -> torch.Tensor:
+    """Each row's token: the argmax for greedy rows, else the exponential race ``argmax(p / noise)``."""
     best = logits.argmax(dim=-1)
-    if params.all_greedy or uniforms is None:
+    if params.all_greedy or noise is None:
         return best
     # Shift the max to 0 first: over a tiny temperature the scores are then 0 or -inf, never
     # inf - inf = NaN; softmax ignores the shift, so the distribution is unchanged.
     scores = (logits - logits.max(dim=-1, keepdim=True).values) / params.temperature
     if params.top_k is not None and params.top_p is not None:
         scores = _filter(scores, params.top_k, params.top_p)
-    probs = torch.softmax(scores, dim=-1)
-    cdf = probs.cumsum(dim=-1)
-    drawn = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)[:, 0]
-    # u * total may round up to total: never go past the last token that has probability.
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(dim=-1)
-    drawn = torch.minimum(drawn, last)
+    drawn = (torch.softmax(scores, dim=-1) / noise).argmax(dim=-1)
     return drawn if params.greedy is None else torch.where(params.greedy, best, drawn)
 
 

@@ -17,9 +17,9 @@ Invariants (enforced by the engine, relied on by callers):
 - The logprob reported for each token is the model's own (temperature 1, before top-k/top-p),
   so it equals what a forward pass over the same tokens on the same weights gives; temperature,
   top-k and top-p only change which token is drawn.
-- Each request draws from its own CPU ``torch.Generator`` seeded from the request, so the same
-  seed, weights and request give the same samples whether the request ran alone or batched with
-  others, and the global RNG is never touched.
+- Each request draws from its own ``torch.Generator`` seeded from the request, so the same seed,
+  weights, device and request give the same samples whether the request ran alone or batched
+  with others, and the global RNG is never touched.
 """
 
 from __future__ import annotations
