@@ -424,7 +424,8 @@ async def test_concurrent_requests_share_decode_steps(model: SamplingModel, devi
     scheduler = SamplingScheduler(device.run)
     reqs = [request(40 + i, 3 + i % 5, max_tokens=8, temperature=0.9, top_logprobs=1) for i in range(16)]
     results = await asyncio.gather(*(scheduler.submit("base", model, r) for r in reqs))
-    assert len(device.jobs) == 8, "16 requests of 8 tokens each should take 8 shared steps"
+    # 8 shared steps, and perhaps one that was queued behind the last and found nothing to do.
+    assert len(device.jobs) in (8, 9), device.jobs
     for i, (req, result) in enumerate(zip(reqs, results, strict=True)):
         assert_same(alone(model, req), result, f"request {i}")
     assert_matches_forward(model, reqs[0], results[0])
@@ -453,8 +454,10 @@ async def test_keys_batch_apart_and_other_device_work_runs_between_steps(
     assert scheduler.rows("llama") == scheduler.rows("qwen") == 1
     await device.run(lambda: None, "training step")  # queued behind at most one step of each key
     llama_result, qwen_result = await llama_task, await qwen_task
+    # Each key keeps at most two steps on the device queue: the training step waits for at most
+    # four, and most of the sampling runs after it.
     training = device.jobs.index("training step")
-    assert training <= 6 and len(device.jobs) == 21, device.jobs
+    assert training <= 8 and device.jobs[training + 1 :].count("sampling step") >= 10, device.jobs
     assert_same(alone(llama, req), llama_result, "llama key")
     assert_same(alone(qwen, req), qwen_result, "qwen key")
     busy = scheduler.enqueue("k", llama, [req])
@@ -474,7 +477,8 @@ async def test_cancelled_request_leaves_the_batch(model: SamplingModel, device: 
     long_task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await long_task
-    await device.wait_finished(device.finished + 2)
+    # The running step and the one queued behind it may have started before the withdrawal.
+    await device.wait_finished(device.finished + 3)
     assert scheduler.rows("base") == 1, "the cancelled request's rows are dropped at the next step"
     assert_same(alone(model, other), await other_task, "the other request")
     # A request cancelled while still queued never runs.

@@ -3,14 +3,21 @@
 :class:`SamplingScheduler` lives on the server's event loop. Requests queued under the same key
 (the same weights: a base model, a checkpoint, a session's weights at a point of its call order)
 join one :class:`~trainer_server._decode.DecodeBatch`. A driver task per busy key runs that batch
-one step at a time, each step one device job (``run_on_device``), so device work queued meanwhile
-(another session's training step, another key's step) runs between two steps, in queue order: a
-long sampling batch never holds the device for its whole duration.
+one step at a time, each step one device job (``run_on_device``): device work queued meanwhile
+(another session's training step, another key's step) runs between two steps, so a long sampling
+batch never holds the device for its whole duration.
 
-Threads. The scheduler's methods and its drivers run on one event loop. ``run_on_device`` must
+Steps ahead. A driver keeps the key's next step queued behind the running one, so the device goes
+from step to step without waiting for the event loop (a round trip per step would dominate small
+models). Work queued by others therefore waits for at most two steps of each busy key.
+
+Threads. The scheduler's methods and its drivers run on one event loop; ``run_on_device`` must
 run its callable on the device thread (the one thread that touches models) and return an
-awaitable of its result. A batch is touched by one device job at a time, and by the loop only
-between its jobs (a driver awaits each step before preparing the next), so no lock is needed.
+awaitable of its result. The batch is touched only by device jobs. A key's queue (``pending``,
+``running``, ``cancelled``) is shared by the loop, which adds and withdraws requests, and the
+device jobs, which admit them: it is guarded by the key's lock, held only for list operations.
+Drivers run in a fresh ``contextvars`` context, so a request's context (a sequenced call's
+commit) never leaks into the device jobs of the requests that share its batch.
 
 Invariants:
 
@@ -25,13 +32,15 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import itertools
 import logging
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from trainer_server._decode import DecodeBatch
 from trainer_server._sampling import SampleRequest, SampleResult, SamplingModel
@@ -40,10 +49,11 @@ __all__ = ["SamplingScheduler", "SchedulerClosedError"]
 
 log = logging.getLogger("trainer_server.sampling")
 
-T = TypeVar("T")
-
 RunOnDevice = Callable[[Callable[[], Any]], Awaitable[Any]]
 """Runs a callable on the device thread; awaiting it gives the callable's result."""
+
+_STEPS_QUEUED = 2
+"""Steps of one key on the device queue at once: the running one and the next."""
 
 
 class SchedulerClosedError(RuntimeError):
@@ -70,17 +80,32 @@ class _Ticket:
     index: int  # position in the group's results
 
 
+@dataclass(frozen=True, eq=False)
+class _Outcome:
+    """What one step did, for the loop to deliver."""
+
+    finished: list[tuple[_Ticket, SampleResult]]
+    failed: list[_Ticket]
+    error: Exception | None
+    rows: int
+
+
 @dataclass(eq=False)
 class _Key:
-    """A key's batch and the loop-side bookkeeping around it."""
+    """A key's batch (device jobs only) and its queue (under ``lock``)."""
 
     model: SamplingModel
     batch: DecodeBatch
+    lock: threading.Lock = field(default_factory=threading.Lock)
     pending: deque[_Ticket] = field(default_factory=deque)
     running: dict[int, _Ticket] = field(default_factory=dict)
     cancelled: set[int] = field(default_factory=set)
     driver: asyncio.Task[None] | None = None
     rows: int = 0
+
+    def busy(self) -> bool:
+        with self.lock:
+            return bool(self.pending or self.running)
 
 
 class SamplingScheduler:
@@ -137,25 +162,28 @@ class SamplingScheduler:
             raise SchedulerClosedError("the sampling scheduler is closed")
         for request in requests:
             model.check(request)
+        loop = asyncio.get_running_loop()
         entry = self._keys.get(key)
         if entry is None:
-            batch = DecodeBatch(model, max_rows=self._max_batch_rows, max_prefill_tokens=self._max_prefill_tokens)
-            entry = self._keys[key] = _Key(model, batch)
+            entry = self._keys[key] = _Key(model, self._new_batch(model))
         elif entry.model.module is not model.module:
             raise ValueError(f"sampling key {key!r} is busy with another model; use one key per set of weights")
-        group = _Group(asyncio.get_running_loop().create_future(), [None] * len(requests), remaining=len(requests))
+        group = _Group(loop.create_future(), [None] * len(requests), remaining=len(requests))
         group.tickets = [_Ticket(next(self._ids), request, group, i) for i, request in enumerate(requests)]
         group.future.add_done_callback(functools.partial(_withdraw, entry, group))
         if not requests:
             group.future.set_result([])
             return group.future
-        entry.pending.extend(group.tickets)
+        with entry.lock:
+            entry.pending.extend(group.tickets)
         if entry.driver is None:
-            entry.driver = asyncio.get_running_loop().create_task(self._drive(key, entry), name=f"sampling {key!r}")
+            entry.driver = loop.create_task(
+                self._drive(key, entry), name=f"sampling {key!r}", context=contextvars.Context()
+            )
         return group.future
 
     def rows(self, key: Hashable) -> int:
-        """Samples of ``key`` being decoded, as of its last step (0 when idle)."""
+        """Samples of ``key`` being decoded, as of its last finished step (0 when idle)."""
         entry = self._keys.get(key)
         return 0 if entry is None else entry.rows
 
@@ -173,54 +201,86 @@ class SamplingScheduler:
             driver.cancel()
         await asyncio.gather(*drivers, return_exceptions=True)
 
+    def _new_batch(self, model: SamplingModel) -> DecodeBatch:
+        return DecodeBatch(model, max_rows=self._max_batch_rows, max_prefill_tokens=self._max_prefill_tokens)
+
     async def _drive(self, key: Hashable, entry: _Key) -> None:
-        """Run ``entry``'s batch step by step while it has requests."""
+        """Keep ``entry``'s steps on the device queue while it has requests; deliver their outcomes."""
+        queued: deque[asyncio.Future[_Outcome]] = deque()
         try:
-            while entry.pending or entry.running:
-                n = entry.batch.admissible([t.request for t in itertools.islice(entry.pending, self._max_batch_rows)])
-                admit = [entry.pending.popleft() for _ in range(n)]
-                entry.running.update((t.id, t) for t in admit)
-                cancel, entry.cancelled = entry.cancelled, set()
-                step = functools.partial(entry.batch.step, [(t.id, t.request) for t in admit], cancel)
+            while True:
+                while len(queued) < _STEPS_QUEUED and entry.busy():
+                    queued.append(asyncio.ensure_future(self._run_on_device(functools.partial(self._step, entry))))
+                if not queued:
+                    break
                 try:
-                    finished = await self._run_on_device(step)
-                except Exception as exc:  # the batch's state is unknown: fail its requests, start afresh
-                    log.warning("sampling step for %r failed; failing its %d requests", key, len(entry.running))
-                    failed = list(entry.running.values())
-                    entry.running.clear()
-                    entry.cancelled.clear()
-                    entry.batch = DecodeBatch(
-                        entry.model, max_rows=self._max_batch_rows, max_prefill_tokens=self._max_prefill_tokens
-                    )
-                    for ticket in failed:
-                        _fail(ticket.group, exc)
-                    continue
-                entry.rows = entry.batch.num_rows
-                for job_id, result in finished:
-                    done = entry.running.pop(job_id, None)
-                    if done is not None:  # else withdrawn while the step ran
-                        _finish(done, result)
+                    outcome = await queued.popleft()
+                except Exception as exc:  # the device could not run the job at all (e.g. shut down)
+                    with entry.lock:
+                        failed = [*entry.pending, *entry.running.values()]
+                        entry.pending.clear()
+                        entry.running.clear()
+                    outcome = _Outcome([], failed, exc, 0)
+                entry.rows = outcome.rows
+                for ticket, result in outcome.finished:
+                    _finish(ticket, result)
+                if outcome.error is not None:
+                    log.warning("sampling for %r failed (%d requests): %r", key, len(outcome.failed), outcome.error)
+                    for ticket in outcome.failed:
+                        _fail(ticket.group, outcome.error)
         except asyncio.CancelledError:
             closed = SchedulerClosedError("the sampling scheduler was closed")
-            for ticket in [*entry.pending, *entry.running.values()]:
+            with entry.lock:  # steps still queued on the device then admit nothing
+                tickets = [*entry.pending, *entry.running.values()]
+                entry.pending.clear()
+                entry.running.clear()
+            for ticket in tickets:
                 _fail(ticket.group, closed)
             raise
         finally:
+            for job in queued:
+                job.cancel()
             entry.driver = None
             entry.rows = 0
-            if self._keys.get(key) is entry and not (entry.pending or entry.running):
+            if self._keys.get(key) is entry and not entry.busy():
                 del self._keys[key]
+
+    def _step(self, entry: _Key) -> _Outcome:
+        """One device job: admit what fits, drop what was withdrawn, run one step of the batch."""
+        batch = entry.batch
+        with entry.lock:
+            head = [t.request for t in itertools.islice(entry.pending, self._max_batch_rows)]
+            admit = [entry.pending.popleft() for _ in range(batch.admissible(head))]
+            entry.running.update((t.id, t) for t in admit)
+            cancel, entry.cancelled = entry.cancelled, set()
+        try:
+            finished = batch.step([(t.id, t.request) for t in admit], cancel)
+        except Exception as exc:  # the batch's state is unknown: fail its requests, start afresh
+            entry.batch = self._new_batch(entry.model)
+            with entry.lock:
+                failed = list(entry.running.values())
+                entry.running.clear()
+                entry.cancelled.clear()
+            return _Outcome([], failed, exc, 0)
+        done = []
+        with entry.lock:
+            for job_id, result in finished:
+                ticket = entry.running.pop(job_id, None)
+                if ticket is not None:  # else withdrawn while the step ran
+                    done.append((ticket, result))
+        return _Outcome(done, [], None, batch.num_rows)
 
 
 def _withdraw(entry: _Key, group: _Group, future: asyncio.Future[list[SampleResult]]) -> None:
     """Once a group is cancelled or failed, drop its requests still queued or running."""
     if not future.cancelled() and future.exception() is None:
         return
-    for ticket in group.tickets:
-        if ticket.id in entry.running:
-            del entry.running[ticket.id]
-            entry.cancelled.add(ticket.id)
-    entry.pending = deque(t for t in entry.pending if t.group is not group)
+    with entry.lock:
+        for ticket in group.tickets:
+            if ticket.id in entry.running:
+                del entry.running[ticket.id]
+                entry.cancelled.add(ticket.id)
+        entry.pending = deque(t for t in entry.pending if t.group is not group)
 
 
 def _finish(ticket: _Ticket, result: SampleResult) -> None:
