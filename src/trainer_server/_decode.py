@@ -102,8 +102,9 @@ class _RowParams:
     temperature: torch.Tensor  # [B, 1], 1 for greedy rows
     top_k: torch.Tensor | None  # long [B], vocab size for "keep all"; None when no row filters
     top_p: torch.Tensor | None  # [B], 1 for "keep all"
-    draw_jobs: list[_Job]  # jobs that draw this step, in the order their draws are concatenated
-    draw_index: torch.Tensor  # long [B]: each row's noise in the concatenated draws (a trailing row for greedy)
+    draws: list[tuple[_Job, int, int]]  # each drawing job's rows [start, end) in ``noise``
+    noise: torch.Tensor  # [draws + 1, V], refilled every step; the last row (1s) serves greedy rows
+    noise_index: torch.Tensor | None  # long [B]: each row's row of ``noise``; None when it is the identity
     top_logprobs: int  # widest top-k asked for
 
 
@@ -138,6 +139,7 @@ class DecodeBatch:
         self._cache_kw = "past_key_values"
         self._mergeable: bool | None = None  # learnt from the first prefill's cache
         self._width = 0  # columns of the cache
+        self._padded: bool | None = None  # whether some row is shorter than the cache (None: not known yet)
         self._lengths = torch.zeros(0, dtype=torch.int64)  # each row's tokens in the cache
         self._logits = torch.zeros(0)  # [B, V] float32: the next token's logits of each row
 
@@ -291,7 +293,7 @@ class DecodeBatch:
             self._merge(cache, width, lengths, logits)
         self._rows.extend(rows)
         self._jobs.update((job.id, job) for job in jobs)
-        self._params = None
+        self._params, self._padded = None, None
 
     def _merge(self, cache: Any, width: int, lengths: torch.Tensor, logits: torch.Tensor) -> None:
         """Append prefilled rows to the running ones, left-padding both to the wider of the two."""
@@ -314,7 +316,7 @@ class DecodeBatch:
     def _select(self, keep: list[int]) -> None:
         """Keep only the rows at ``keep`` (in order), and drop cache columns no row uses any more."""
         self._rows = [self._rows[r] for r in keep]
-        self._params = None
+        self._params, self._padded = None, None
         if not self._rows:
             self._cache, self._width = None, 0
             self._lengths, self._logits = self._lengths[:0], self._logits[:0]
@@ -336,8 +338,12 @@ class DecodeBatch:
         """Feed each row its new token; keep the logits for the next step's draw."""
         width = self._width + 1
         lengths = self._lengths + 1
-        columns = torch.arange(width, device=lengths.device)
-        mask = (columns[None, :] >= (width - lengths)[:, None]).to(torch.int64)
+        if self._padded is None:  # every row grows by one token per step: known until the rows change
+            self._padded = bool((self._lengths < self._width).any())
+        mask = None  # no padding: the plain causal path, as a request alone takes it
+        if self._padded:
+            columns = torch.arange(width, device=lengths.device)
+            mask = (columns[None, :] >= (width - lengths)[:, None]).to(torch.int64)
         out = self.model.module(
             input_ids=tokens[:, None],
             attention_mask=mask,
@@ -352,31 +358,36 @@ class DecodeBatch:
     def _build_params(self) -> _RowParams:
         device = self._logits.device
         vocab = self._logits.shape[-1]
-        draw_jobs: list[_Job] = []
-        offsets: dict[int, int] = {}
+        draws: list[tuple[_Job, int, int]] = []
+        starts: dict[int, int] = {}
         total = 0
         for job in self._jobs.values():
             if job.generator is not None:
-                draw_jobs.append(job)
-                offsets[job.id] = total
+                starts[job.id] = total
                 total += job.request.settings.num_samples
-        greedy, temperature, top_k, top_p, draw_index = [], [], [], [], []
+                draws.append((job, starts[job.id], total))
+        greedy, temperature, top_k, top_p, noise_rows = [], [], [], [], []
         for row in self._rows:
             settings = row.job.request.settings
             greedy.append(settings.temperature == 0)
             temperature.append(settings.temperature or 1.0)
             top_k.append(settings.top_k if 0 < settings.top_k < vocab else vocab)
             top_p.append(settings.top_p)
-            draw_index.append(offsets[row.job.id] + row.index if row.job.generator is not None else total)
+            noise_rows.append(starts[row.job.id] + row.index if row.job.generator is not None else total)
         filtered = any(k < vocab for k in top_k) or any(p < 1 for p in top_p)
+        noise = torch.empty((total + 1, vocab), device=device)
+        noise[total] = 1.0
         self._params = _RowParams(
             all_greedy=all(greedy),
             greedy=torch.tensor(greedy, device=device) if any(greedy) else None,
             temperature=torch.tensor(temperature, dtype=torch.float32, device=device)[:, None],
             top_k=torch.tensor(top_k, dtype=torch.int64, device=device) if filtered else None,
             top_p=torch.tensor(top_p, dtype=torch.float32, device=device) if filtered else None,
-            draw_jobs=draw_jobs,
-            draw_index=torch.tensor(draw_index, dtype=torch.int64, device=device),
+            draws=draws,
+            noise=noise,
+            noise_index=None
+            if noise_rows == list(range(total))
+            else torch.tensor(noise_rows, dtype=torch.int64, device=device),
             top_logprobs=max(row.job.request.settings.top_logprobs for row in self._rows),
         )
         return self._params
@@ -385,17 +396,11 @@ class DecodeBatch:
         """Exp(1) noise ``[B, V]``, each row's from its request's generator (all its samples draw, finished or not)."""
         if params.all_greedy:
             return None
-        logits = self._logits
-        vocab = logits.shape[-1]
-        draws = [
-            torch.empty((job.request.settings.num_samples, vocab), device=logits.device).exponential_(
-                generator=job.generator
-            )
-            for job in params.draw_jobs
-        ]
-        draws.append(torch.ones((1, vocab), device=logits.device))  # greedy rows: unused
+        for job, start, end in params.draws:
+            params.noise[start:end].exponential_(generator=job.generator)
+        noise = params.noise[: len(self._rows)] if params.noise_index is None else params.noise[params.noise_index]
         # q = 0 has probability ~0 but would make p / q NaN for a filtered-out token; keep q > 0.
-        return torch.cat(draws)[params.draw_index].clamp_(min=torch.finfo(torch.float32).tiny)
+        return noise.clamp_(min=torch.finfo(torch.float32).tiny)
 
     def _finish_reason(self, row: _Row) -> str | None:
         """Why the row's sample ends after its newest token, or None if it goes on."""
