@@ -148,11 +148,6 @@ class DecodeBatch:
         """Samples being decoded."""
         return len(self._rows)
 
-    @property
-    def job_ids(self) -> list[int]:
-        """Ids of the admitted, unfinished requests."""
-        return list(self._jobs)
-
     def admissible(self, requests: Sequence[SampleRequest]) -> int:
         """How many of ``requests`` (from the front) the next step can admit."""
         if self._rows and not self._mergeable:
