@@ -51,7 +51,14 @@ from trainer_server._losses import compute as compute_loss
 from trainer_server._losses import validate as validate_loss
 from trainer_server._models import BaseModel, load_base_model
 from trainer_server._sampling import Sample as SampleOut
-from trainer_server._sampling import SamplingSettings, generate
+from trainer_server._sampling import (
+    SampleRequest,
+    SampleResult,
+    SamplingModel,
+    SamplingSettings,
+    text_decoder,
+)
+from trainer_server._sampling_scheduler import SamplingScheduler
 from trainer_server.builtin_models import trainer_home
 from trainer_server.core import ops as _ops
 from trainer_server.core.errors import (
@@ -82,6 +89,9 @@ log = logging.getLogger("trainer_server.core")
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+Prepare = Callable[[BaseModel], Sequence[SampleRequest]]
+"""Builds a sampling call's requests, validated against the base model of the weights sampled."""
 
 CAPABILITIES = (
     "forward",
@@ -146,11 +156,15 @@ class TrainingCore:
         )
         self.ready = False
         self._checkpoint_models: dict[tuple[str, float], tuple[Any, BaseModel]] = {}
+        self._checkpoint_locks: dict[tuple[str, float], asyncio.Lock] = {}
         self.checkpoint_root = config.checkpoint_dir or trainer_home() / "checkpoints"
         self.checkpoints = CheckpointStore(self.checkpoint_root)
         """The anonymous owner's checkpoints (all of them when auth is off)."""
         self._stores: dict[str, CheckpointStore] = {"": self.checkpoints}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-device")
+        self.sampler = SamplingScheduler(self.on_device)
+        """Batches concurrent sampling requests on the same weights into shared decode steps."""
+        self._decoders: dict[str, Any] = {}
 
     async def on_device(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run ``fn`` on the device thread and wait for it.
@@ -218,6 +232,7 @@ class TrainingCore:
 
     async def shutdown(self) -> None:
         """Stop the other ranks and the device thread after the work already queued."""
+        await self.sampler.aclose()
         for task in (self._heartbeat, self._reaper):
             if task is not None:
                 task.cancel()
@@ -317,7 +332,11 @@ class TrainingCore:
         return samples, prompt_lp
 
     async def _optim_step(self, session: Session, settings: AdamSettings) -> tuple[int, float]:
-        """Sum the ranks' gradients and apply AdamW; returns (step, gradient norm)."""
+        """Sum the ranks' gradients and apply AdamW; returns (step, gradient norm).
+
+        Samples submitted before the step finish on the old weights first.
+        """
+        await self.sampler.wait_idle(_session_key(session))
         step, norm = await self.run_op(_ops.OptimStep(session.id, settings))
         return int(step), float(norm)
 
@@ -852,6 +871,7 @@ class TrainingCore:
             await seq_call.wait_turn(self.config.sequence_gap_timeout_s)
 
             async def apply() -> int:
+                await self.sampler.wait_idle(_session_key(session))
                 step: int = await self.run_op(_ops.LoadState(session.id, directory, with_optimizer))
                 return step
 
@@ -859,33 +879,87 @@ class TrainingCore:
 
         return await self._sequenced(call, run)
 
-    async def sample(
-        self, call: CallRef, prepare: Callable[[BaseModel], tuple[torch.Tensor, SamplingSettings]]
-    ) -> tuple[list[SampleOut], torch.Tensor]:
+    # ---- sampling -----------------------------------------------------------------------
+
+    def _sampling_model(self, module: Any, base: BaseModel) -> SamplingModel:
+        """What the sampling engine needs to know about ``module`` (a model over ``base``)."""
+        if base.name not in self._decoders:
+            self._decoders[base.name] = text_decoder(base.tokenizer_files)
+        return SamplingModel(
+            module=module,
+            device=self.device,
+            eos_token_ids=base.eos_token_ids,
+            decode=self._decoders[base.name],
+            vocab_size=base.vocab_size,
+            max_length=base.max_sequence_length,
+        )
+
+    def _check_sampling(self, requests: Sequence[SampleRequest]) -> None:
+        """Refuse a sampling call over the limits (samples and prompt tokens per call)."""
+        limits = self.config.limits
+        if not requests:
+            raise invalid_argument("no prompt to sample from; send at least one")
+        if len(requests) > limits.max_datums_per_call:
+            raise resource_exhausted(
+                f"{len(requests)} prompts in one call is over the limit "
+                f"max_datums_per_call={limits.max_datums_per_call}"
+            )
+        samples = sum(r.settings.num_samples for r in requests)
+        if samples > limits.max_samples_per_call:
+            raise resource_exhausted(
+                f"{samples} samples in one call is over the limit max_samples_per_call={limits.max_samples_per_call}"
+            )
+        tokens = sum(len(r.tokens) for r in requests)
+        if tokens > limits.max_tokens_per_call:
+            raise resource_exhausted(
+                f"{tokens} prompt tokens in one call is over the limit max_tokens_per_call={limits.max_tokens_per_call}"
+            )
+
+    async def sample(self, call: CallRef, prepare: Prepare) -> list[SampleResult]:
         """Sample from the session's weights as of this call's place in its order.
 
-        ``prepare`` validates the request against the session's base model (inside the
-        call, so a refused request still uses up its number) and returns the prompt and
-        settings.
+        Concurrent sampling calls of a session share decode steps with each other (the
+        sampling scheduler batches them), and training calls that do not change weights run
+        beside them; a weight change (optimizer step, load, close) waits until the samples
+        submitted before it are done. ``prepare`` builds and validates the requests against the
+        session's base model inside the call, so a refused request still uses up its number.
         """
         session = self.session(call.session_id, call.owner)
         async with session.call(call.seq) as seq_call:
-            prompt, settings = prepare(session.base)
-            await seq_call.wait_turn(self.config.sequence_gap_timeout_s)
-            return await self._sample(session, prompt, settings)
+            requests = prepare(session.base)
+            self._check_sampling(requests)
+            if session.state.sharded:  # every rank takes part: one request at a time, rank 0's tokens
+                await seq_call.wait_turn(self.config.sequence_gap_timeout_s)
+                return [await self._sample_sharded(session, r) for r in requests]
+            await seq_call.wait_turn(self.config.sequence_gap_timeout_s, queued=True)
+            model = self._sampling_model(session.state.model, session.base)
+            pending = self.sampler.enqueue(_session_key(session), model, list(requests))
+            seq_call.device_queued()  # later calls may queue theirs; weight changes fence on the key
+            return await pending
 
-    async def sample_checkpoint(
-        self, owner: str, checkpoint: str, prepare: Callable[[BaseModel], tuple[torch.Tensor, SamplingSettings]]
-    ) -> tuple[list[SampleOut], torch.Tensor]:
-        """Sample from a BASE or STATE checkpoint's weights (not sequenced: nothing changes)."""
-        manifest = self.checkpoint_store(owner).manifest(checkpoint)
+    async def sample_checkpoint(self, owner: str, checkpoint: str, prepare: Prepare) -> list[SampleResult]:
+        """Sample from a BASE, STATE or ADAPTER checkpoint's weights (not sequenced: nothing changes)."""
+        store = self.checkpoint_store(owner)
+        manifest = store.manifest(checkpoint)
         # Bad parameters are refused before the checkpoint is verified and loaded.
-        prompt, settings = prepare(self.model(manifest.base_model))
-        model, base = await self.checkpoint_model(checkpoint, owner)
-        result: tuple[list[SampleOut], torch.Tensor] = await self.on_device(
-            generate, model, prompt, settings, base.eos_token_ids, self.device
+        requests = prepare(self.model(manifest.base_model))
+        self._check_sampling(requests)
+        module, base = await self.checkpoint_model(checkpoint, owner)
+        key = ("checkpoint", owner, manifest.name, manifest.created_at)
+        return await self.sampler.submit_many(key, self._sampling_model(module, base), list(requests))
+
+    async def sample_base(self, base_model: str, prepare: Prepare) -> list[SampleResult]:
+        """Sample from a served base model's own weights (shared by every caller)."""
+        base = self.model(base_model)
+        requests = prepare(base)
+        self._check_sampling(requests)
+        return await self.sampler.submit_many(
+            ("base", base.name), self._sampling_model(base.model, base), list(requests)
         )
-        return result
+
+    async def _sample_sharded(self, session: Session, request: SampleRequest) -> SampleResult:
+        samples, prompt_lp = await self._sample(session, request.tokens, request.settings)
+        return SampleResult(samples, prompt_lp if request.prompt_logprobs else None)
 
     def validate_prompt(self, prompt: torch.Tensor, base: BaseModel) -> torch.Tensor:
         """A sampling prompt checked like a datum's tokens (ids in the vocabulary, length).
@@ -991,8 +1065,17 @@ class TrainingCore:
         store = self.checkpoint_store(owner)
         manifest = store.manifest(name)
         key = (f"{owner}/{manifest.name}", manifest.created_at)
-        if key in self._checkpoint_models:
-            return self._checkpoint_models[key]
+        # One load per checkpoint, however many callers ask at once: they then share one model
+        # object, so their samples share decode steps.
+        async with self._checkpoint_locks.setdefault(key, asyncio.Lock()):
+            if key in self._checkpoint_models:
+                return self._checkpoint_models[key]
+            return await self._load_checkpoint_model(store, manifest, key)
+
+    async def _load_checkpoint_model(
+        self, store: CheckpointStore, manifest: Manifest, key: tuple[str, float]
+    ) -> tuple[Any, BaseModel]:
+        name = manifest.name
         if manifest.kind not in ("base", "state", "adapter"):
             raise invalid_argument(
                 f"sampling needs a BASE, STATE or ADAPTER checkpoint; {name!r} is {manifest.kind.upper()}"
@@ -1016,7 +1099,9 @@ class TrainingCore:
             model = await self.on_device(_export.load_adapter, base, directory, self.device)
         self._checkpoint_models[key] = (model, base)
         while len(self._checkpoint_models) > MAX_CACHED_CHECKPOINT_MODELS:
-            self._checkpoint_models.pop(next(iter(self._checkpoint_models)))
+            evicted = next(iter(self._checkpoint_models))
+            self._checkpoint_models.pop(evicted)
+            self._checkpoint_locks.pop(evicted, None)
         return model, base
 
     async def close(self, session: Session) -> None:
@@ -1025,6 +1110,7 @@ class TrainingCore:
             return
         await self.sessions.close(session)
         self._journal(session, open_=False)
+        await self.sampler.wait_idle(_session_key(session))
         await self.run_op(_ops.CloseSession(session.id))
         log.info("session %s closed after %d optimizer steps", session.id, session.state.step)
         if self.device.type == "cuda":
@@ -1153,6 +1239,11 @@ def _check_gradient(grad: torch.Tensor, lengths: list[int]) -> None:
         raise invalid_argument(
             f"gradient contains {float(grad[index])} at datum {datum}, position {offset}; nothing was applied"
         )
+
+
+def _session_key(session: Session) -> tuple[str, str]:
+    """The sampling scheduler's key for a session's (live, in-place updated) weights."""
+    return ("session", session.id)
 
 
 def _concat(parts: list[torch.Tensor]) -> torch.Tensor:

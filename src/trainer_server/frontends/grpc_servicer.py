@@ -26,7 +26,7 @@ from trainer_proto import pb, pb_grpc, wire
 from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._config import ServerConfig
 from trainer_server._models import BaseModel
-from trainer_server._sampling import SamplingSettings
+from trainer_server._sampling import Sample, SampleRequest, SampleResult, SamplingSettings
 from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found, resource_exhausted
 from trainer_server.core.service import TrainingCore
 from trainer_server.core.sessions import Session
@@ -205,6 +205,30 @@ def _raw_datums(datums: list[pb.Datum], max_bytes: int) -> list[RawDatum]:
             )
         )
     return out
+
+
+def _prompt_logprobs(index: int, result: SampleResult) -> pb.PromptLogprobs:
+    msg = pb.PromptLogprobs(prompt_index=index)
+    if result.prompt_logprobs is not None:
+        msg.logprobs.CopyFrom(wire.tensor_to_wire(result.prompt_logprobs))
+    if result.prompt_top_logprobs is not None:
+        msg.top_token_ids.CopyFrom(wire.tensor_to_wire(result.prompt_top_logprobs.token_ids))
+        msg.top_logprobs.CopyFrom(wire.tensor_to_wire(result.prompt_top_logprobs.logprobs))
+    return msg
+
+
+def _sampled_sequence(prompt_index: int, index: int, sample: Sample) -> pb.SampledSequence:
+    msg = pb.SampledSequence(
+        index=index,
+        prompt_index=prompt_index,
+        tokens=wire.tensor_to_wire(torch.tensor(sample.tokens, dtype=torch.int64)),
+        logprobs=wire.tensor_to_wire(torch.tensor(sample.logprobs, dtype=torch.float32)),
+        finish_reason=sample.finish_reason,
+    )
+    if sample.top_logprobs is not None:
+        msg.top_token_ids.CopyFrom(wire.tensor_to_wire(sample.top_logprobs.token_ids))
+        msg.top_logprobs.CopyFrom(wire.tensor_to_wire(sample.top_logprobs.logprobs))
+    return msg
 
 
 def _fingerprint(method: str, request: Message) -> bytes:
@@ -516,49 +540,81 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
     async def Sample(  # type: ignore[override]  # streams via context.write
         self, request: pb.SampleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        """Generate from a session's current weights (sequenced) or from a checkpoint."""
+        """Generate from a session's weights (sequenced), a checkpoint or a base model.
+
+        Concurrent Sample calls on the same weights share decode steps on the server.
+        """
         source = request.WhichOneof("source")
 
-        def prepare(base: BaseModel) -> tuple[torch.Tensor, SamplingSettings]:
-            return self._sampling_request(request, base)
+        def prepare(base: BaseModel) -> list[SampleRequest]:
+            return self._sampling_requests(request, base)
 
         if source == "call":
-            call = self._call(context, request.call, b"")
-            samples, prompt_lp = await self.core.sample(call, prepare)
+            results = await self.core.sample(self._call(context, request.call, b""), prepare)
         elif source == "checkpoint":
-            samples, prompt_lp = await self.core.sample_checkpoint(self._owner(context), request.checkpoint, prepare)
+            results = await self.core.sample_checkpoint(self._owner(context), request.checkpoint, prepare)
+        elif source == "base_model":
+            results = await self.core.sample_base(request.base_model, prepare)
         else:
-            raise invalid_argument("set either call (sample from a session) or checkpoint")
-        if request.return_prompt_logprobs:
-            await context.write(pb.SampleResponse(prompt_logprobs=wire.tensor_to_wire(prompt_lp)))
-        for i, s in enumerate(samples):
-            sequence = pb.SampledSequence(
-                index=i,
-                tokens=wire.tensor_to_wire(torch.tensor(s.tokens, dtype=torch.int64)),
-                logprobs=wire.tensor_to_wire(torch.tensor(s.logprobs, dtype=torch.float32)),
-                finish_reason=s.finish_reason,
-            )
-            await context.write(pb.SampleResponse(sequence=sequence))
+            raise invalid_argument("set one source: call (a session), checkpoint or base_model")
+        single = not request.prompts and not request.prompt_top_logprobs
+        for p, result in enumerate(results):
+            if result.prompt_logprobs is not None and single:
+                await context.write(pb.SampleResponse(prompt_logprobs=wire.tensor_to_wire(result.prompt_logprobs)))
+            elif result.prompt_logprobs is not None or result.prompt_top_logprobs is not None:
+                await context.write(pb.SampleResponse(prompt=_prompt_logprobs(p, result)))
+            for i, sample in enumerate(result.samples):
+                await context.write(pb.SampleResponse(sequence=_sampled_sequence(p, i, sample)))
 
-    def _sampling_request(self, request: pb.SampleRequest, base: BaseModel) -> tuple[torch.Tensor, SamplingSettings]:
-        """Decode and validate a Sample request's prompt and parameters."""
-        if not request.HasField("prompt"):
+    def _sampling_requests(self, request: pb.SampleRequest, base: BaseModel) -> list[SampleRequest]:
+        """Decode and validate a Sample request's prompts and parameters."""
+        if request.prompts and request.HasField("prompt"):
+            raise invalid_argument("set either prompt (with num_samples) or prompts, not both")
+        if request.prompts:
+            prompts = [(f"prompts[{i}]", p.tokens, p.num_samples) for i, p in enumerate(request.prompts)]
+        elif request.HasField("prompt"):
+            prompts = [("prompt", request.prompt, request.num_samples)]
+        else:
             raise invalid_argument("prompt is required")
-        if list(request.prompt.shape) == [0]:
-            raise invalid_argument("prompt is empty; send at least one token")
-        try:
-            raw = wire.tensor_from_wire(request.prompt, "prompt", max_bytes=self.core.config.limits.max_message_bytes)
-        except wire.WireError as exc:
-            raise invalid_argument(str(exc)) from None
-        prompt = self.core.validate_prompt(raw, base)
-        settings = SamplingSettings.from_proto(
-            request.params,
-            num_samples=request.num_samples,
-            prompt_len=len(prompt),
-            max_length=base.max_sequence_length,
-            max_samples=self.core.config.limits.max_samples_per_call,
-        )
-        return prompt, settings
+        params = request.params
+        room = base.max_sequence_length
+        out = []
+        for where, tensor, num_samples in prompts:
+            if list(tensor.shape) == [0]:
+                raise invalid_argument(f"{where} is empty; send at least one token")
+            try:
+                raw = wire.tensor_from_wire(tensor, where, max_bytes=self.core.config.limits.max_message_bytes)
+            except wire.WireError as exc:
+                raise invalid_argument(str(exc)) from None
+            tokens = self.core.validate_prompt(raw, base)
+            if params.max_tokens > room - len(tokens):
+                raise invalid_argument(
+                    f"params.max_tokens {params.max_tokens} is over the limit: a {len(tokens)}-token {where} leaves "
+                    f"{room - len(tokens)} of the model's maximum length {room}"
+                )
+            try:
+                settings = SamplingSettings(
+                    num_samples=num_samples,
+                    max_tokens=params.max_tokens,
+                    temperature=params.temperature if params.HasField("temperature") else 1.0,
+                    top_p=params.top_p if params.HasField("top_p") else 1.0,
+                    top_k=params.top_k,
+                    stop=tuple(tuple(int(t) for t in s.tokens) for s in params.stop),
+                    seed=params.seed if params.HasField("seed") else None,
+                    stop_strings=tuple(params.stop_strings),
+                    top_logprobs=params.top_logprobs,
+                )
+                out.append(
+                    SampleRequest(
+                        tokens,
+                        settings,
+                        prompt_logprobs=request.return_prompt_logprobs,
+                        prompt_top_logprobs=request.prompt_top_logprobs,
+                    )
+                )
+            except ServiceError as exc:  # name the request's field
+                raise ServiceError(exc.code, f"params.{exc.message}" if where == "prompt" else exc.message) from None
+        return out
 
     @translate_errors
     async def Heartbeat(

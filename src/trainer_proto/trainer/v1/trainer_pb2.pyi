@@ -1711,6 +1711,8 @@ class SamplingParams(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    STOP_STRINGS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     max_tokens: _builtins.int
     """New tokens per sample, at least 1."""
     temperature: _builtins.float
@@ -1721,10 +1723,18 @@ class SamplingParams(_message.Message):
     """Keep only the k most likely tokens; 0 (default) is off."""
     seed: _builtins.int
     """Same seed, weights and request: same samples. Absent: a random seed."""
+    top_logprobs: _builtins.int
+    """Also return the k most likely tokens (and their logprobs) at each sampled position; 0 is off."""
     @_builtins.property
     def stop(self) -> _containers.RepeatedCompositeFieldContainer[Global___TokenSequence]:
         """Finish a sample when its new tokens end with one of these (the stop tokens are
         included in the output). The model's EOS token always stops.
+        """
+
+    @_builtins.property
+    def stop_strings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Finish a sample once its decoded text contains one of these (the tokens up to the one
+        that completes the text are kept).
         """
 
     def __init__(
@@ -1736,10 +1746,12 @@ class SamplingParams(_message.Message):
         top_k: _builtins.int = ...,
         stop: _abc.Iterable[Global___TokenSequence] | None = ...,
         seed: _builtins.int | None = ...,
+        stop_strings: _abc.Iterable[_builtins.str] | None = ...,
+        top_logprobs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "seed", b"seed", "temperature", b"temperature", "top_p", b"top_p"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "_temperature", b"_temperature", "_top_p", b"_top_p", "max_tokens", b"max_tokens", "seed", b"seed", "stop", b"stop", "stop_strings", b"stop_strings", "temperature", b"temperature", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
@@ -1757,6 +1769,33 @@ class SamplingParams(_message.Message):
 Global___SamplingParams: _TypeAlias = SamplingParams  # noqa: Y015
 
 @_typing.final
+class SamplePrompt(_message.Message):
+    """SamplePrompt is one prompt of a multi-prompt Sample call, with its own number of samples."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    NUM_SAMPLES_FIELD_NUMBER: _builtins.int
+    num_samples: _builtins.int
+    @_builtins.property
+    def tokens(self) -> Global___TensorData:
+        """Prompt token ids, 1-D integer tensor."""
+
+    def __init__(
+        self,
+        *,
+        tokens: Global___TensorData | None = ...,
+        num_samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_samples", b"num_samples", "tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SamplePrompt: _TypeAlias = SamplePrompt  # noqa: Y015
+
+@_typing.final
 class SampleRequest(_message.Message):
     """SampleRequest asks for num_samples completions of one prompt."""
 
@@ -1764,15 +1803,22 @@ class SampleRequest(_message.Message):
 
     CALL_FIELD_NUMBER: _builtins.int
     CHECKPOINT_FIELD_NUMBER: _builtins.int
+    BASE_MODEL_FIELD_NUMBER: _builtins.int
     PROMPT_FIELD_NUMBER: _builtins.int
     NUM_SAMPLES_FIELD_NUMBER: _builtins.int
     PARAMS_FIELD_NUMBER: _builtins.int
     RETURN_PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPTS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     checkpoint: _builtins.str
-    """Sample from a BASE or STATE checkpoint."""
+    """Sample from a BASE, STATE or ADAPTER checkpoint."""
+    base_model: _builtins.str
+    """Sample from a served base model's own weights."""
     num_samples: _builtins.int
     return_prompt_logprobs: _builtins.bool
     """Also return the logprob of each prompt token after the first."""
+    prompt_top_logprobs: _builtins.int
+    """Also return the k most likely tokens at each prompt position after the first; 0 is off."""
     @_builtins.property
     def call(self) -> Global___CallHeader:
         """Sample from this session's weights as of the call's place in its sequence."""
@@ -1783,21 +1829,30 @@ class SampleRequest(_message.Message):
 
     @_builtins.property
     def params(self) -> Global___SamplingParams: ...
+    @_builtins.property
+    def prompts(self) -> _containers.RepeatedCompositeFieldContainer[Global___SamplePrompt]:
+        """Several prompts in one call, each with its own number of samples (instead of prompt and
+        num_samples); every response message carries the index of its prompt.
+        """
+
     def __init__(
         self,
         *,
         call: Global___CallHeader | None = ...,
         checkpoint: _builtins.str = ...,
+        base_model: _builtins.str = ...,
         prompt: Global___TensorData | None = ...,
         num_samples: _builtins.int = ...,
         params: Global___SamplingParams | None = ...,
         return_prompt_logprobs: _builtins.bool = ...,
+        prompts: _abc.Iterable[Global___SamplePrompt] | None = ...,
+        prompt_top_logprobs: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "checkpoint", b"checkpoint", "params", b"params", "prompt", b"prompt", "source", b"source"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "call", b"call", "checkpoint", b"checkpoint", "params", b"params", "prompt", b"prompt", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "checkpoint", b"checkpoint", "num_samples", b"num_samples", "params", b"params", "prompt", b"prompt", "return_prompt_logprobs", b"return_prompt_logprobs", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "call", b"call", "checkpoint", b"checkpoint", "num_samples", b"num_samples", "params", b"params", "prompt", b"prompt", "prompt_top_logprobs", b"prompt_top_logprobs", "prompts", b"prompts", "return_prompt_logprobs", b"return_prompt_logprobs", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["call", "checkpoint"]  # noqa: Y015
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["call", "checkpoint", "base_model"]  # noqa: Y015
     _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
@@ -1813,9 +1868,14 @@ class SampledSequence(_message.Message):
     TOKENS_FIELD_NUMBER: _builtins.int
     LOGPROBS_FIELD_NUMBER: _builtins.int
     FINISH_REASON_FIELD_NUMBER: _builtins.int
+    PROMPT_INDEX_FIELD_NUMBER: _builtins.int
+    TOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     finish_reason: _builtins.str
-    """"stop" (EOS or a stop sequence) or "length" (max_tokens reached)."""
+    """"stop" (EOS, a stop sequence or a stop string) or "length" (max_tokens reached)."""
+    prompt_index: _builtins.int
+    """Which prompt of the request (0 for a single-prompt request)."""
     @_builtins.property
     def tokens(self) -> Global___TensorData:
         """New token ids (int64)."""
@@ -1826,6 +1886,12 @@ class SampledSequence(_message.Message):
         float32: equal to what Forward returns for the same tokens.
         """
 
+    @_builtins.property
+    def top_token_ids(self) -> Global___TensorData:
+        """With params.top_logprobs = k: [len(tokens), k] token ids (int64) and logprobs (float32)."""
+
+    @_builtins.property
+    def top_logprobs(self) -> Global___TensorData: ...
     def __init__(
         self,
         *,
@@ -1833,14 +1899,54 @@ class SampledSequence(_message.Message):
         tokens: Global___TensorData | None = ...,
         logprobs: Global___TensorData | None = ...,
         finish_reason: _builtins.str = ...,
+        prompt_index: _builtins.int = ...,
+        top_token_ids: Global___TensorData | None = ...,
+        top_logprobs: Global___TensorData | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "tokens", b"tokens"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "tokens", b"tokens", "top_logprobs", b"top_logprobs", "top_token_ids", b"top_token_ids"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "tokens", b"tokens"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "prompt_index", b"prompt_index", "tokens", b"tokens", "top_logprobs", b"top_logprobs", "top_token_ids", b"top_token_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SampledSequence: _TypeAlias = SampledSequence  # noqa: Y015
+
+@_typing.final
+class PromptLogprobs(_message.Message):
+    """PromptLogprobs are the logprobs of one prompt's tokens after the first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_INDEX_FIELD_NUMBER: _builtins.int
+    LOGPROBS_FIELD_NUMBER: _builtins.int
+    TOP_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
+    prompt_index: _builtins.int
+    @_builtins.property
+    def logprobs(self) -> Global___TensorData:
+        """float32, one per prompt token after the first."""
+
+    @_builtins.property
+    def top_token_ids(self) -> Global___TensorData:
+        """With prompt_top_logprobs = k: [len(prompt) - 1, k] token ids (int64) and logprobs (float32)."""
+
+    @_builtins.property
+    def top_logprobs(self) -> Global___TensorData: ...
+    def __init__(
+        self,
+        *,
+        prompt_index: _builtins.int = ...,
+        logprobs: Global___TensorData | None = ...,
+        top_token_ids: Global___TensorData | None = ...,
+        top_logprobs: Global___TensorData | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "top_logprobs", b"top_logprobs", "top_token_ids", b"top_token_ids"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["logprobs", b"logprobs", "prompt_index", b"prompt_index", "top_logprobs", b"top_logprobs", "top_token_ids", b"top_token_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromptLogprobs: _TypeAlias = PromptLogprobs  # noqa: Y015
 
 @_typing.final
 class SampleResponse(_message.Message):
@@ -1850,21 +1956,29 @@ class SampleResponse(_message.Message):
 
     PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    PROMPT_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def prompt_logprobs(self) -> Global___TensorData: ...
+    def prompt_logprobs(self) -> Global___TensorData:
+        """The single prompt's logprobs (single-prompt requests)."""
+
     @_builtins.property
     def sequence(self) -> Global___SampledSequence: ...
+    @_builtins.property
+    def prompt(self) -> Global___PromptLogprobs:
+        """A prompt's logprobs (and top-k) in a multi-prompt request, or with prompt_top_logprobs."""
+
     def __init__(
         self,
         *,
         prompt_logprobs: Global___TensorData | None = ...,
         sequence: Global___SampledSequence | None = ...,
+        prompt: Global___PromptLogprobs | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt_logprobs", b"prompt_logprobs", "sequence", b"sequence"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "sequence", b"sequence"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt_logprobs", b"prompt_logprobs", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["prompt_logprobs", "sequence"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["prompt_logprobs", "sequence", "prompt"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import itertools
 import json
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 
 from trainer_server._export import read_state_info
-from trainer_server._sampling import SamplingSettings
+from trainer_server._sampling import SampleRequest, SamplingSettings
 from trainer_server.core.errors import ErrorCode, ServiceError
 from trainer_server.core.service import TrainingCore
 from trainer_server.core.types import CallRef, RawDatum, SessionSpec
@@ -70,8 +68,6 @@ class CoreBackend:
     def __init__(self, core: TrainingCore) -> None:
         self.core = core
         self._live: dict[str, _Live] = {}
-        self._base_sessions: dict[tuple[str, str], _Live] = {}
-        self._base_lock = asyncio.Lock()
         self._ephemeral = itertools.count()
 
     # ---- errors ---------------------------------------------------------------------
@@ -265,31 +261,6 @@ class CoreBackend:
 
     # ---- sampling -------------------------------------------------------------------
 
-    async def _base_session(self, owner: str, base_model: str) -> _Live:
-        async with self._base_lock:
-            live = self._base_sessions.get((owner, base_model))
-            if live is None:
-                try:
-                    session = await self.core.create_session(owner, SessionSpec(base_model, CoreLora(1), 0))
-                except ServiceError as exc:
-                    raise self._translate(exc) from None
-                live = _Live(session.id, owner, be.ModelInfo(base_model, None))
-                self._base_sessions[(owner, base_model)] = live
-            return live
-
-    async def _sample_base(self, owner: str, base_model: str, prepare: Any) -> tuple[Any, torch.Tensor]:
-        """Sample on the owner's hidden base session, recreating it if its lease ran out."""
-        for attempt in range(2):
-            live = await self._base_session(owner, base_model)
-            try:
-                result: tuple[Any, torch.Tensor] = await self.core.sample(self._call(live), prepare)
-                return result
-            except ServiceError as exc:
-                if exc.code != ErrorCode.NOT_FOUND or attempt:
-                    raise
-                self._base_sessions.pop((owner, base_model), None)
-        raise AssertionError("unreachable")
-
     async def sample(
         self,
         owner: str,
@@ -302,20 +273,23 @@ class CoreBackend:
         topk_prompt_logprobs: int,
     ) -> be.SampleResult:
         """See :meth:`TinkerBackend.sample`."""
-        if topk_prompt_logprobs:
-            raise be.InvalidInput("topk_prompt_logprobs is not supported by this server yet")
         limits = self.core.config.limits
         prompt_t = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
 
-        def prepare(base: Any) -> tuple[torch.Tensor, SamplingSettings]:
+        def prepare(base: Any) -> list[SampleRequest]:
             checked = self.core.validate_prompt(prompt_t, base)
-            return checked, _settings(spec, num_samples, len(checked), base, limits.max_samples_per_call)
+            settings = _settings(spec, num_samples, len(checked), base, limits.max_samples_per_call)
+            return [
+                SampleRequest(
+                    checked, settings, prompt_logprobs=prompt_logprobs, prompt_top_logprobs=topk_prompt_logprobs
+                )
+            ]
 
         try:
             if any(m.name == source for m in self.core.server_summary().models):
-                samples, plp = await self._sample_base(owner, source, prepare)
+                (result,) = await self.core.sample_base(source, prepare)
             else:
-                samples, plp = await self.core.sample_checkpoint(owner, source, prepare)
+                (result,) = await self.core.sample_checkpoint(owner, source, prepare)
         except ServiceError as exc:
             raise self._translate(exc) from None
         sequences = [
@@ -324,12 +298,16 @@ class CoreBackend:
                 np.asarray(s.logprobs, dtype=np.float32),
                 "stop" if s.finish_reason == "stop" else "length",
             )
-            for s in samples
+            for s in result.samples
         ]
-        lp = None
-        if prompt_logprobs:
-            lp = np.concatenate([[np.nan], plp.numpy().astype(np.float32)]).astype(np.float32)
-        return be.SampleResult(sequences, lp)
+        lp = top_ids = top_lp = None
+        if result.prompt_logprobs is not None:
+            lp = np.concatenate([[np.nan], result.prompt_logprobs.numpy()]).astype(np.float32)
+        if result.prompt_top_logprobs is not None:  # Tinker's layout: one row per prompt token, row 0 empty
+            ids, values = result.prompt_top_logprobs.token_ids.numpy(), result.prompt_top_logprobs.logprobs.numpy()
+            top_ids = np.concatenate([np.zeros((1, ids.shape[1]), dtype=np.int64), ids]).astype(np.int64)
+            top_lp = np.concatenate([np.full((1, ids.shape[1]), -99999.0), values]).astype(np.float32)
+        return be.SampleResult(sequences, lp, top_ids, top_lp)
 
     # ---- checkpoints ----------------------------------------------------------------
 
@@ -414,14 +392,6 @@ def _forward_loss(
     return elementwise, {"loss:sum": float(sum(e.sum() for e in elementwise))}
 
 
-@functools.lru_cache(maxsize=8)
-def _tokenizer(path: str) -> Any:
-    """A base model's tokenizer (for stop strings), loaded once."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
 def _settings(spec: be.SampleSpec, n: int, prompt_len: int, base: Any, max_samples: int) -> SamplingSettings:
     if n > max_samples:
         raise ServiceError(
@@ -434,19 +404,13 @@ def _settings(spec: be.SampleSpec, n: int, prompt_len: int, base: Any, max_sampl
             f"max_tokens must be in [1, {room}] for a {prompt_len}-token prompt "
             f"(model maximum length {base.max_sequence_length}), got {spec.max_tokens}",
         )
-    if not (math.isfinite(spec.temperature) and spec.temperature >= 0):
-        raise ServiceError(ErrorCode.INVALID_ARGUMENT, f"temperature must be >= 0, got {spec.temperature}")
-    stop = [tuple(int(t) for t in (tok,)) for tok in spec.stop_tokens]
-    if spec.stop_strings:
-        tokenizer = _tokenizer(str(base.path))
-        stop += [tuple(tokenizer.encode(s, add_special_tokens=False)) for s in spec.stop_strings if s]
-    seed = spec.seed if spec.seed is not None else int(np.random.default_rng().integers(0, 2**63 - 1))
     return SamplingSettings(
         num_samples=n,
         max_tokens=spec.max_tokens,
         temperature=spec.temperature,
         top_p=spec.top_p,
         top_k=max(spec.top_k, 0),
-        stop=tuple(s for s in stop if s),
-        seed=seed,
+        stop=tuple((int(t),) for t in spec.stop_tokens),
+        seed=spec.seed,
+        stop_strings=tuple(s for s in spec.stop_strings if s),
     )
