@@ -47,7 +47,8 @@ from trainer_client._errors import (
     UnknownError,
 )
 from trainer_client._futures import APIFuture
-from trainer_client._sync_client import ServiceClient, TrainingClient
+from trainer_client._sampling import AsyncSamplingClient
+from trainer_client._sync_client import SamplingClient, ServiceClient, TrainingClient
 from trainer_client._types import (
     CHECKPOINT_KINDS,
     AdamParams,
@@ -64,6 +65,7 @@ from trainer_client._types import (
     SamplingParams,
     ServerInfo,
     SessionInfo,
+    TopLogprobs,
 )
 
 __all__ = [
@@ -73,6 +75,7 @@ __all__ = [
     "AbortedError",
     "AdamParams",
     "AlreadyExistsError",
+    "AsyncSamplingClient",
     "AsyncServiceClient",
     "AsyncTrainingClient",
     "CallCancelledError",
@@ -100,10 +103,12 @@ __all__ = [
     "ResourceExhaustedError",
     "SampleOutput",
     "SampledSequence",
+    "SamplingClient",
     "SamplingParams",
     "ServerInfo",
     "ServiceClient",
     "SessionInfo",
+    "TopLogprobs",
     "TrainerError",
     "TrainingClient",
     "UnauthenticatedError",

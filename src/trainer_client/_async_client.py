@@ -46,6 +46,7 @@ from trainer_client._errors import (
     from_status,
 )
 from trainer_client._futures import APIFuture
+from trainer_client._sampling import AsyncSamplingClient, Prompt, read_samples
 from trainer_client._tokenizer import load_tokenizer
 from trainer_client._types import (
     CHECKPOINT_KINDS,
@@ -57,7 +58,6 @@ from trainer_client._types import (
     ForwardOutput,
     LossFn,
     OptimStepResult,
-    SampledSequence,
     SampleOutput,
     SamplingParams,
     ServerInfo,
@@ -115,23 +115,6 @@ _REQUESTS: Mapping[str, Any] = {
     "ForwardBackwardCustom": pb.ForwardBackwardCustomRequest,
 }
 """Request message class of each datum-streaming RPC."""
-
-
-def _sample_request(
-    prompt: Sequence[int] | torch.Tensor, num_samples: int, params: SamplingParams | None, prompt_logprobs: bool
-) -> pb.SampleRequest:
-    if isinstance(prompt, str):
-        raise TypeError(
-            "sample() takes the prompt's token ids, not text: encode it first, e.g. "
-            "sample(tokenizer.encode(prompt), ...) with tokenizer = await training_client.get_tokenizer()"
-        )
-    tokens = prompt if isinstance(prompt, torch.Tensor) else torch.tensor(list(prompt), dtype=torch.int64)
-    return pb.SampleRequest(
-        prompt=wire.tensor_to_wire(tokens.to(torch.int64)),
-        num_samples=num_samples,
-        params=(params or SamplingParams()).to_proto(),
-        return_prompt_logprobs=prompt_logprobs,
-    )
 
 
 class _Stream:
@@ -228,6 +211,9 @@ class AsyncTrainingClient:
         self.session_id = response.session_id
         self.base_model = response.base_model
         self.trainable_parameters = response.trainable_parameters
+        self.lora_rank: int | None = response.lora.rank if response.HasField("lora") else None
+        """The session's LoRA rank; None for a full fine-tune."""
+        self._sampler_saves = 0
         self._next_seq = response.next_seq or 1
         self._loop = asyncio.get_running_loop()
         self._failed: list[APIFuture[Any]] = []
@@ -449,7 +435,7 @@ class AsyncTrainingClient:
 
     def sample(
         self,
-        prompt: Sequence[int] | torch.Tensor,
+        prompt: Prompt,
         num_samples: int = 1,
         params: SamplingParams | None = None,
         *,
@@ -458,15 +444,62 @@ class AsyncTrainingClient:
         """Sample from the session's weights as of this call's place in the sequence.
 
         Sampling never changes training state; submitted between training calls, it sees
-        exactly the weights those calls produced.
+        exactly the weights those calls produced. Concurrent sample calls share decode steps
+        on the server.
         """
-        request = _sample_request(prompt, num_samples, params, return_prompt_logprobs)
+        return self.create_sampling_client().sample(
+            prompt, num_samples, params, include_prompt_logprobs=return_prompt_logprobs
+        )
 
-        async def run(seq: int) -> SampleOutput:
-            request.call.CopyFrom(self._header(seq))
-            return await self._service._sample(request)
+    def sample_many(
+        self,
+        prompts: Sequence[Prompt | tuple[Prompt, int]],
+        params: SamplingParams | None = None,
+        *,
+        num_samples: int = 1,
+        return_prompt_logprobs: bool = False,
+    ) -> APIFuture[list[SampleOutput]]:
+        """Sample many prompts (each with its own number of samples) in one sequenced call."""
+        return self.create_sampling_client().sample_many(
+            prompts, params, num_samples=num_samples, include_prompt_logprobs=return_prompt_logprobs
+        )
 
-        return self._submit("sample", run)
+    def create_sampling_client(self) -> AsyncSamplingClient:
+        """A sampling client over this session's live weights.
+
+        Each of its calls takes the session's next sequence number when it is made, so it sees
+        the weights of the calls submitted before it.
+        """
+        return AsyncSamplingClient(self._service, training_client=self)
+
+    def save_state(self, name: str) -> APIFuture[CheckpointInfo]:
+        """Save everything needed to resume (Tinker's ``save_state``): a STATE checkpoint."""
+        return self.save_checkpoint(name, "state")
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[CheckpointInfo]:
+        """Save weights to sample from (Tinker's ``save_weights_for_sampler``), cheaply.
+
+        A LoRA session saves its adapter alone (the server lays it over the base it already
+        holds when sampling); a full fine-tune saves its STATE (float32, so samples' logprobs
+        equal the session's).
+        """
+        return self.save_checkpoint(name, "adapter" if self.lora_rank is not None else "state")
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> APIFuture[AsyncSamplingClient]:
+        """Save sampler weights and return a sampling client over them (Tinker's name).
+
+        Args:
+            name: the checkpoint's name; default ``SESSION-sampler-STEP-N``.
+        """
+        self._sampler_saves += 1
+        name = name or f"{self.session_id}-sampler-{self._sampler_saves}"
+        saved = self.save_weights_for_sampler(name)
+
+        async def client() -> AsyncSamplingClient:
+            info = await saved
+            return AsyncSamplingClient(self._service, checkpoint=info.name)
+
+        return APIFuture(asyncio.ensure_future(client()), description=saved.description)
 
     def compute_logprobs(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> APIFuture[list[torch.Tensor]]:
         """Logprob of every token after the first of each sequence (a Forward call)."""
@@ -710,45 +743,60 @@ class AsyncServiceClient:
         response = await self._unary("CreateSession", request, self.config.unary_timeout_s)
         return AsyncTrainingClient(self, response)
 
-    async def _sample(self, request: pb.SampleRequest) -> SampleOutput:
+    async def _sample(self, request: pb.SampleRequest) -> list[SampleOutput]:
         self._check_open()
         call = self._stub.Sample(request, timeout=self.config.timeout_s, metadata=self._metadata)
-        sequences: list[SampledSequence] = []
-        prompt_logprobs = None
         try:
-            async for msg in call:
-                if msg.WhichOneof("message") == "prompt_logprobs":
-                    prompt_logprobs = wire.tensor_from_wire(msg.prompt_logprobs, "prompt_logprobs")
-                else:
-                    s = msg.sequence
-                    if s.index != len(sequences):
-                        raise ProtocolError(f"Sample: sequence {s.index} arrived where {len(sequences)} was expected")
-                    sequences.append(
-                        SampledSequence(
-                            tokens=wire.tensor_from_wire(s.tokens, "tokens").tolist(),
-                            logprobs=wire.tensor_from_wire(s.logprobs, "logprobs"),
-                            finish_reason=s.finish_reason,
-                        )
-                    )
+            return await read_samples(call, request)
         except grpc.aio.AioRpcError as exc:
             raise self._translate(exc, "Sample") from exc
-        if len(sequences) != request.num_samples:
-            raise ProtocolError(f"Sample: got {len(sequences)} sequences, asked for {request.num_samples}")
-        return SampleOutput(sequences=sequences, prompt_logprobs=prompt_logprobs)
+
+    def create_sampling_client(
+        self, model_path: str | None = None, *, base_model: str | None = None
+    ) -> AsyncSamplingClient:
+        """A sampling client (Tinker's ``create_sampling_client``).
+
+        Args:
+            model_path: a checkpoint to sample (e.g. from ``save_weights_for_sampler``: BASE,
+                STATE or ADAPTER), or
+            base_model: a served base model, sampled with its own weights.
+        """
+        if (model_path is None) == (base_model is None):
+            raise ValueError("create_sampling_client takes model_path (a checkpoint) or base_model, one of them")
+        return AsyncSamplingClient(self, base_model=base_model, checkpoint=model_path)
+
+    async def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        *,
+        seed: int = 0,
+        target_modules: Sequence[str] | None = None,
+    ) -> AsyncTrainingClient:
+        """Start a LoRA session (Tinker's name for :meth:`create_training_client`).
+
+        Args:
+            base_model: a model name from ``get_server_info().models``.
+            rank: LoRA rank.
+            seed: seeds the adapter initialisation.
+            target_modules: modules to adapt (default: every linear layer, the output layer included).
+        """
+        return await self.create_training_client(
+            base_model, lora_rank=rank, lora_target_modules=target_modules, seed=seed
+        )
 
     async def sample_from_checkpoint(
         self,
         checkpoint: str,
-        prompt: Sequence[int] | torch.Tensor,
+        prompt: Prompt,
         num_samples: int = 1,
         params: SamplingParams | None = None,
         *,
         return_prompt_logprobs: bool = False,
     ) -> SampleOutput:
-        """Sample from a BASE or STATE checkpoint's weights."""
-        request = _sample_request(prompt, num_samples, params, return_prompt_logprobs)
-        request.checkpoint = checkpoint
-        return await self._sample(request)
+        """Sample from a BASE, STATE or ADAPTER checkpoint's weights (see :meth:`create_sampling_client`)."""
+        sampler = self.create_sampling_client(checkpoint)
+        return await sampler.sample(prompt, num_samples, params, include_prompt_logprobs=return_prompt_logprobs)
 
     async def list_checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints on the server, oldest first."""

@@ -22,6 +22,7 @@ from trainer_client._async_client import AsyncServiceClient, AsyncTrainingClient
 from trainer_client._config import ClientConfig
 from trainer_client._errors import ClientClosedError
 from trainer_client._futures import APIFuture
+from trainer_client._sampling import AsyncSamplingClient, Prompt
 from trainer_client._types import (
     AdamParams,
     CheckpointInfo,
@@ -39,7 +40,7 @@ from trainer_client._types import (
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ServiceClient", "TrainingClient"]
+__all__ = ["SamplingClient", "ServiceClient", "TrainingClient"]
 
 T = TypeVar("T")
 
@@ -141,6 +142,40 @@ class TrainingClient(_OnPortal):
             self._inner.sample, prompt, num_samples, params, return_prompt_logprobs=return_prompt_logprobs
         )
 
+    def sample_many(
+        self,
+        prompts: Sequence[Prompt | tuple[Prompt, int]],
+        params: SamplingParams | None = None,
+        *,
+        num_samples: int = 1,
+        return_prompt_logprobs: bool = False,
+    ) -> APIFuture[list[SampleOutput]]:
+        """See :meth:`AsyncTrainingClient.sample_many`."""
+        return self._submit(
+            self._inner.sample_many,
+            prompts,
+            params,
+            num_samples=num_samples,
+            return_prompt_logprobs=return_prompt_logprobs,
+        )
+
+    def create_sampling_client(self) -> SamplingClient:
+        """See :meth:`AsyncTrainingClient.create_sampling_client`."""
+        return SamplingClient(self._service, self._inner.create_sampling_client())
+
+    def save_state(self, name: str) -> APIFuture[CheckpointInfo]:
+        """See :meth:`AsyncTrainingClient.save_state`."""
+        return self._submit(self._inner.save_state, name)
+
+    def save_weights_for_sampler(self, name: str) -> APIFuture[CheckpointInfo]:
+        """See :meth:`AsyncTrainingClient.save_weights_for_sampler`."""
+        return self._submit(self._inner.save_weights_for_sampler, name)
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> SamplingClient:
+        """See :meth:`AsyncTrainingClient.save_weights_and_get_sampling_client` (blocks until saved)."""
+        inner = self._submit(self._inner.save_weights_and_get_sampling_client, name).result()
+        return SamplingClient(self._service, inner)
+
     def compute_logprobs(self, sequences: Sequence[Sequence[int] | torch.Tensor]) -> APIFuture[list[torch.Tensor]]:
         """See :meth:`AsyncTrainingClient.compute_logprobs`."""
         return self._submit(self._inner.compute_logprobs, sequences)
@@ -165,6 +200,61 @@ class TrainingClient(_OnPortal):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class SamplingClient(_OnPortal):
+    """Sync facade over :class:`AsyncSamplingClient`; see that class for each method."""
+
+    def __init__(self, service: ServiceClient, inner: AsyncSamplingClient) -> None:
+        self._service = service
+        self._portal = service._portal
+        self._inner = inner
+        self.source = inner.source
+
+    def _check_open(self) -> None:
+        self._service._check_open()
+
+    def sample(
+        self,
+        prompt: Prompt,
+        num_samples: int = 1,
+        sampling_params: SamplingParams | None = None,
+        *,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> APIFuture[SampleOutput]:
+        """See :meth:`AsyncSamplingClient.sample`."""
+        return self._submit(
+            self._inner.sample,
+            prompt,
+            num_samples,
+            sampling_params,
+            include_prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+        )
+
+    def sample_many(
+        self,
+        prompts: Sequence[Prompt | tuple[Prompt, int]],
+        sampling_params: SamplingParams | None = None,
+        *,
+        num_samples: int = 1,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
+    ) -> APIFuture[list[SampleOutput]]:
+        """See :meth:`AsyncSamplingClient.sample_many`."""
+        return self._submit(
+            self._inner.sample_many,
+            prompts,
+            sampling_params,
+            num_samples=num_samples,
+            include_prompt_logprobs=include_prompt_logprobs,
+            topk_prompt_logprobs=topk_prompt_logprobs,
+        )
+
+    def compute_logprobs(self, prompt: Prompt) -> APIFuture[list[float | None]]:
+        """See :meth:`AsyncSamplingClient.compute_logprobs`."""
+        return self._submit(self._inner.compute_logprobs, prompt)
 
 
 class ServiceClient(_OnPortal):
@@ -222,6 +312,19 @@ class ServiceClient(_OnPortal):
     def create_training_client_from_state(self, checkpoint: str) -> TrainingClient:
         """See :meth:`AsyncServiceClient.create_training_client_from_state`."""
         return TrainingClient(self, self._wait(self._inner.create_training_client_from_state, checkpoint))
+
+    def create_lora_training_client(
+        self, base_model: str, rank: int = 32, *, seed: int = 0, target_modules: Sequence[str] | None = None
+    ) -> TrainingClient:
+        """See :meth:`AsyncServiceClient.create_lora_training_client`."""
+        inner = self._wait(
+            self._inner.create_lora_training_client, base_model, rank, seed=seed, target_modules=target_modules
+        )
+        return TrainingClient(self, inner)
+
+    def create_sampling_client(self, model_path: str | None = None, *, base_model: str | None = None) -> SamplingClient:
+        """See :meth:`AsyncServiceClient.create_sampling_client`."""
+        return SamplingClient(self, self._inner.create_sampling_client(model_path, base_model=base_model))
 
     def attach_training_client(self, session_id: str) -> TrainingClient:
         """See :meth:`AsyncServiceClient.attach_training_client`."""

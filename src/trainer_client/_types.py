@@ -38,6 +38,7 @@ __all__ = [
     "SamplingParams",
     "ServerInfo",
     "SessionInfo",
+    "TopLogprobs",
 ]
 
 
@@ -448,7 +449,11 @@ class SamplingParams:
         top_p: nucleus mass in (0, 1]; 1 is off.
         top_k: keep the k most likely tokens; 0 is off.
         stop: token sequences that end a sample (included in its tokens); EOS always stops.
-        seed: same seed, weights and request give the same samples; None is random.
+        seed: same seed, weights and request give the same samples, alone or batched with
+            other requests on the server; None is random.
+        stop_strings: texts that end a sample once its decoded text contains one (the tokens
+            up to the one completing the text are kept).
+        top_logprobs: also return the k most likely tokens at each sampled position (0: off).
     """
 
     max_tokens: int = 16
@@ -457,6 +462,8 @@ class SamplingParams:
     top_k: int = 0
     stop: Sequence[Sequence[int]] = ()
     seed: int | None = None
+    stop_strings: Sequence[str] = ()
+    top_logprobs: int = 0
 
     def to_proto(self) -> pb.SamplingParams:
         """Encode for the wire."""
@@ -466,6 +473,8 @@ class SamplingParams:
             top_p=self.top_p,
             top_k=self.top_k,
             stop=[pb.TokenSequence(tokens=list(s)) for s in self.stop],
+            stop_strings=list(self.stop_strings),
+            top_logprobs=self.top_logprobs,
         )
         if self.seed is not None:
             msg.seed = self.seed
@@ -473,20 +482,42 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TopLogprobs:
+    """The most likely tokens at each position: ``token_ids[i, j]`` has logprob ``logprobs[i, j]``.
+
+    Rows are positions, columns go from most to least likely (int64 and float32 tensors).
+    """
+
+    token_ids: torch.Tensor
+    logprobs: torch.Tensor
+
+
+@dataclass(frozen=True)
 class SampledSequence:
-    """One sample: new tokens, their logprobs, and why it ended ("stop" or "length")."""
+    """One sample: new tokens, their logprobs, and why it ended ("stop" or "length").
+
+    ``top_logprobs`` holds the most likely tokens at each sampled position when
+    ``SamplingParams.top_logprobs`` asked for them.
+    """
 
     tokens: list[int]
     logprobs: torch.Tensor
     finish_reason: str
+    top_logprobs: TopLogprobs | None = None
+
+    @property
+    def stop_reason(self) -> str:
+        """Tinker's name for :attr:`finish_reason`."""
+        return self.finish_reason
 
 
 @dataclass(frozen=True)
 class SampleOutput:
-    """Samples of one prompt, in index order; prompt logprobs when asked for."""
+    """Samples of one prompt, in index order; prompt logprobs (and their top-k) when asked for."""
 
     sequences: list[SampledSequence]
     prompt_logprobs: torch.Tensor | None
+    prompt_top_logprobs: TopLogprobs | None = None
 
 
 @dataclass(frozen=True)

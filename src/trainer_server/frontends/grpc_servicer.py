@@ -207,6 +207,10 @@ def _raw_datums(datums: list[pb.Datum], max_bytes: int) -> list[RawDatum]:
     return out
 
 
+def _lora_config(lora: LoraSpec | None) -> pb.LoraConfig | None:
+    return None if lora is None else pb.LoraConfig(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules)
+
+
 def _prompt_logprobs(index: int, result: SampleResult) -> pb.PromptLogprobs:
     msg = pb.PromptLogprobs(prompt_index=index)
     if result.prompt_logprobs is not None:
@@ -405,6 +409,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             next_seq=session.next_seq,
             max_inflight_calls=session.max_inflight,
             session_ttl_s=self.core.config.session_ttl_s,
+            lora=_lora_config(session.state.lora),
         )
 
     @translate_errors

@@ -632,6 +632,7 @@ class CreateSessionResponse(_message.Message):
     NEXT_SEQ_FIELD_NUMBER: _builtins.int
     MAX_INFLIGHT_CALLS_FIELD_NUMBER: _builtins.int
     SESSION_TTL_S_FIELD_NUMBER: _builtins.int
+    LORA_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     base_model: _builtins.str
     trainable_parameters: _builtins.int
@@ -644,6 +645,10 @@ class CreateSessionResponse(_message.Message):
     """
     session_ttl_s: _builtins.float
     """The session's lease: it is closed after this long without a call or a heartbeat."""
+    @_builtins.property
+    def lora(self) -> Global___LoraConfig:
+        """Set for a LoRA session (also one resumed from a checkpoint); unset for a full fine-tune."""
+
     def __init__(
         self,
         *,
@@ -654,10 +659,11 @@ class CreateSessionResponse(_message.Message):
         next_seq: _builtins.int = ...,
         max_inflight_calls: _builtins.int = ...,
         session_ttl_s: _builtins.float = ...,
+        lora: Global___LoraConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lora", b"lora"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "max_inflight_calls", b"max_inflight_calls", "next_seq", b"next_seq", "session_id", b"session_id", "session_ttl_s", b"session_ttl_s", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_model", b"base_model", "lora", b"lora", "max_inflight_calls", b"max_inflight_calls", "next_seq", b"next_seq", "session_id", b"session_id", "session_ttl_s", b"session_ttl_s", "total_parameters", b"total_parameters", "trainable_parameters", b"trainable_parameters"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
