@@ -32,13 +32,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import ctypes
 import functools
 import gc
+import importlib.util
 import json
 import os
 import platform
+import queue
 import resource
 import statistics
 import subprocess
@@ -61,7 +64,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from trainer_client import AdamParams, AsyncServiceClient, AsyncTrainingClient, ClientConfig, Datum
 from trainer_proto import alloc, options, pb, wire
 
-SECTIONS = ("wire", "custom", "overhead", "pipeline", "overlap", "lora", "memory")
+SECTIONS = ("wire", "custom", "overhead", "pipeline", "overlap", "lora", "memory", "tinker", "sampling")
+TORCH_DEFAULT_THREADS = torch.get_num_threads()
+"""torch's own choice of CPU threads here (read at import, before ``--threads`` is applied)."""
 MIB = 1 << 20
 ALLOCATOR = {"tune": True}
 """Whether this run tunes the C allocator as the service does (``--keep-allocator-defaults``: no)."""
@@ -618,6 +623,87 @@ async def embedded_service(models: Mapping[ModelSpec, Path]) -> Any:
         yield Service(server, client, {s.name: s for s in models})
 
 
+@dataclass
+class ServerProcess:
+    """A ``trainer-server`` running in its own process (``python -m trainer_server``)."""
+
+    proc: subprocess.Popen[str]
+    address: str
+    tinker_url: str | None
+    output: collections.deque[str]
+
+    def cpu_s(self) -> float:
+        """CPU seconds (user + system) the server process has used so far, all its threads."""
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return float(times.user + times.system)
+
+
+def _read_lines(stream: Any, lines: queue.Queue[str | None], keep: collections.deque[str]) -> None:
+    for line in stream:
+        keep.append(line.rstrip())
+        lines.put(line.rstrip())
+    lines.put(None)
+
+
+@contextlib.contextmanager
+def server_process(
+    models: Mapping[ModelSpec, Path],
+    *,
+    threads: int | None = None,
+    tinker: bool = False,
+    api_keys: Sequence[str] = (),
+    extra: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout_s: float = 180,
+) -> Iterator[ServerProcess]:
+    """Start ``python -m trainer_server --port 0`` serving ``models``; stop it on exit.
+
+    The address comes from its "trainer-server ready on HOST:PORT" line; with ``tinker``, the
+    Tinker API's URL from its "Tinker API on URL" log line (printed before that). ``threads``:
+    ``--torch-threads`` (None: the server's default); ``env``: extra environment variables.
+    """
+    checkpoints = tempfile.TemporaryDirectory(prefix="bench-ckpt-")
+    cmd = [sys.executable, "-m", "trainer_server", "--port", "0", "--device", "cpu"]
+    if threads is not None:  # None: the server's default
+        cmd += ["--torch-threads", str(threads)]
+    cmd += ["--checkpoint-dir", checkpoints.name, "--no-restore-sessions", "--session-save-timeout", "0"]
+    for spec, path in models.items():
+        cmd += ["--model", f"{spec.name}={path}"]
+    if tinker:
+        cmd += ["--tinker-port", "0"]
+    if not ALLOCATOR["tune"]:
+        cmd.append("--keep-allocator-defaults")
+    cmd += list(extra)
+    environ = dict(os.environ, TRAINER_API_KEYS=",".join(api_keys), **(env or {}))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environ)
+    keep: collections.deque[str] = collections.deque(maxlen=200)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines, keep), daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        address, url = "", None
+        while not address:
+            try:
+                line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None or time.monotonic() > deadline:
+                raise RuntimeError("trainer-server did not start:\n" + "\n".join(keep))
+            if "Tinker API on " in line:
+                url = line.split("Tinker API on ", 1)[1].split()[0].removesuffix("/api/v1")
+            if line.startswith("trainer-server ready on "):
+                address = line.removeprefix("trainer-server ready on ").strip()
+        yield ServerProcess(proc, address, url, keep)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        checkpoints.cleanup()
+
+
 async def fb_step(tc: AsyncTrainingClient, data: list[Datum]) -> None:
     """forward_backward (cross_entropy) + optim_step, both submitted before awaiting."""
     fb = tc.forward_backward(data, "cross_entropy")
@@ -913,6 +999,134 @@ async def bench_pipeline(args: argparse.Namespace, svc: Service, specs: Sequence
     )
 
 
+# ---- 4b. pipelining, server in its own process --------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerSetting:
+    """How a server process is started: its ``--torch-threads`` and extra environment."""
+
+    label: str
+    threads: int | None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+def server_settings(quick: bool) -> list[ServerSetting]:
+    """The server's default, and (full run) torch's own thread choice with and without spinning."""
+    from trainer_server.__main__ import default_torch_threads
+
+    cores = len(os.sched_getaffinity(0))
+    default = default_torch_threads("cpu", cores) or TORCH_DEFAULT_THREADS
+    settings = [ServerSetting(f"trainer-server default ({default} thread(s))", None)]
+    if not quick and default != TORCH_DEFAULT_THREADS:
+        n = TORCH_DEFAULT_THREADS
+        settings.append(ServerSetting(f"--torch-threads {n} (torch's choice: the old default)", n))
+        settings.append(
+            ServerSetting(
+                f"--torch-threads {n}, OMP_WAIT_POLICY=PASSIVE (no spinning)", n, {"OMP_WAIT_POLICY": "PASSIVE"}
+            )
+        )
+    return settings
+
+
+@dataclass
+class PipelineRuns:
+    """Per-step wall and server CPU seconds of each round, by pipelined (True) or awaited (False)."""
+
+    wall: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    cpu: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+
+    def ratio(self) -> float:
+        """Median over rounds of pipelined / awaited wall (each round runs both back to back)."""
+        return med([p / a for a, p in zip(self.wall[False], self.wall[True], strict=True)])
+
+
+async def measure_pipeline_round(
+    tc: AsyncTrainingClient, proc: ServerProcess, data: list[Datum], steps: int, runs: PipelineRuns, *, first: bool
+) -> None:
+    """One round: awaited and pipelined (order set by ``first``), per-step wall and server CPU."""
+    for pipelined in (first, not first):
+        cpu0, started = proc.cpu_s(), time.perf_counter()
+        await run_steps(tc, data, steps, pipelined=pipelined)
+        runs.wall[pipelined].append((time.perf_counter() - started) / steps)
+        runs.cpu[pipelined].append((proc.cpu_s() - cpu0) / steps)
+
+
+async def bench_pipeline_process(
+    args: argparse.Namespace, dirs: Mapping[ModelSpec, Path], specs: Sequence[ModelSpec], report: Report
+) -> None:
+    settings = server_settings(args.quick)
+    rounds = 1 if args.quick else 4
+    results: dict[tuple[str, str], PipelineRuns] = {}
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(server_process({s: dirs[s] for s in specs}, threads=x.threads, env=x.env))
+            for x in settings
+        ]
+        log(f"pipelining: {len(procs)} server process(es) up")
+        async with contextlib.AsyncExitStack() as clients:
+            conns = [await clients.enter_async_context(AsyncServiceClient(p.address)) for p in procs]
+            for spec in specs:
+                n, length = (4, 32) if spec.hidden <= 64 else (8, 128)
+                steps = (3 if args.quick else 8) if spec.hidden <= 64 else 3
+                data = make_data(n, length, 512)
+                sessions = [await c.create_training_client(spec.name, lora_rank=LORA_RANK, seed=0) for c in conns]
+                for tc in sessions:
+                    await run_steps(tc, data, 2, pipelined=False)  # warm-up
+                for r in range(rounds):
+                    order = list(range(len(settings)))
+                    for i in order if r % 2 == 0 else order[::-1]:
+                        runs = results.setdefault((spec.name, settings[i].label), PipelineRuns())
+                        await measure_pipeline_round(sessions[i], procs[i], data, steps, runs, first=r % 2 == 0)
+                for tc in sessions:
+                    await tc.close()
+                log(f"pipelining (own process) {spec.name} done")
+    rows = []
+    for (name, label), runs in results.items():
+        ratio = runs.ratio()
+        rows.append(
+            (
+                name,
+                label,
+                ms(med(runs.wall[False])),
+                ms(med(runs.wall[True])),
+                f"**{ratio:.3f}x**",
+                ms(med(runs.cpu[False])),
+                ms(med(runs.cpu[True])),
+            )
+        )
+        if label == settings[0].label:
+            report.goal(
+                "4 pipelining",
+                f"pipelined no slower than awaited, server in its own process, default settings ({name})",
+                f"{ratio:.3f}x (<= 1.03 judged: the spread of paired rounds here)",
+                ratio <= 1.03,
+            )
+        else:
+            report.goal("4 pipelining", f"same, {label} ({name}) (reported)", f"{ratio:.3f}x", None)
+    report.section(
+        "4b. Pipelining with the server in its own process: wall time per step",
+        table(
+            [
+                "model",
+                "server started with",
+                "awaited: wall per step",
+                "pipelined: wall per step",
+                "pipelined / awaited (median of paired rounds)",
+                "server CPU per step, awaited",
+                "server CPU per step, pipelined",
+            ],
+            rows,
+        ),
+        f"`python -m trainer_server --port 0 --device cpu` per row (all started at once and used in turn, "
+        f"{rounds} round(s); in each round every server runs the awaited and the pipelined loop back to back, "
+        "the order alternating), our async client in this process. Step = forward_backward (cross_entropy) + "
+        "optim_step, LoRA r16; bench-h64-l2 4 x 32 tokens, bench-h256-l4 8 x 128. Server CPU = user + system "
+        "time of the server process (all threads) per step: OpenMP threads that busy-wait show up here. "
+        f"torch's own choice on this machine is {TORCH_DEFAULT_THREADS} thread(s).",
+    )
+
+
 # ---- 5. overlap ------------------------------------------------------------------------------
 
 
@@ -1007,6 +1221,234 @@ async def bench_overlap(args: argparse.Namespace, svc: Service, spec: ModelSpec,
         f"window submitted at once: {submitted / floor:.2f}x the floor (bound ~{bound / floor:.2f}x; "
         f"awaited {awaited / floor:.2f}x)",
         None,
+    )
+
+
+# ---- 8. Tinker SDK vs our client ----------------------------------------------------------
+
+TINKER_KEY = "tml-bench-key"
+"""The API key of the bench's server process (the tinker SDK refuses keys without ``tml-``)."""
+
+
+def tinker_datums(data: Sequence[Datum]) -> list[Any]:
+    """The same datums as ``tinker.types.Datum`` (token lists; target_tokens and weights)."""
+    from tinker import types
+
+    return [
+        types.Datum(
+            model_input=types.ModelInput.from_ints(d.model_input.tolist()),
+            loss_fn_inputs={
+                "target_tokens": types.TensorData.from_torch(d.target_tokens),
+                "weights": types.TensorData.from_torch(d.weights),
+            },
+        )
+        for d in data
+    ]
+
+
+def sdk_sft_step(tc: Any, data: list[Any]) -> None:
+    """forward_backward (cross_entropy) + optim_step through the tinker SDK, both submitted first."""
+    from tinker import types
+
+    fb = tc.forward_backward(data, "cross_entropy")
+    op = tc.optim_step(types.AdamParams(learning_rate=ADAM.learning_rate))
+    fb.result()
+    op.result()
+
+
+async def timed_call(fn: Callable[[], Awaitable[Any]]) -> float:
+    """Seconds one awaited call takes."""
+    started = time.perf_counter()
+    await fn()
+    return time.perf_counter() - started
+
+
+async def interleaved(calls: Mapping[str, Callable[[], Awaitable[Any]]], reps: int) -> dict[str, list[float]]:
+    """Each call ``reps`` times, rep by rep, the order reversed every other rep."""
+    names = list(calls)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            times[name].append(await timed_call(calls[name]))
+    return times
+
+
+async def bench_tinker(
+    args: argparse.Namespace, proc: ServerProcess, client: AsyncServiceClient, spec: ModelSpec, report: Report
+) -> None:
+    import tinker
+
+    n, length = (4, 32) if args.quick else (8, 128)
+    reps, tiny_reps = (2, 10) if args.quick else (6, 100)
+    data = make_data(n, length, 512)
+    sdk_data = tinker_datums(data)
+    one = make_data(1, 8, 512, seed=1, prompt=4)
+    sdk_one = tinker_datums(one)
+    sdk = await asyncio.to_thread(tinker.ServiceClient, base_url=proc.tinker_url, api_key=TINKER_KEY)
+    try:
+        sdk_tc = await asyncio.to_thread(
+            lambda: sdk.create_lora_training_client(base_model=spec.name, rank=LORA_RANK, seed=0).result()
+        )
+        ours = await client.create_training_client(spec.name, lora_rank=LORA_RANK, seed=0)
+        steps: dict[str, Callable[[], Awaitable[Any]]] = {
+            "tinker SDK": lambda: asyncio.to_thread(sdk_sft_step, sdk_tc, sdk_data),
+            "our async client": lambda: fb_step(ours, data),
+        }
+        await interleaved(steps, 1)  # warm-up
+        step_times = await interleaved(steps, reps)
+        tiny: dict[str, Callable[[], Awaitable[Any]]] = {
+            "tinker SDK: forward, 1 datum of 8 tokens": lambda: asyncio.to_thread(
+                lambda: sdk_tc.forward(sdk_one, "cross_entropy").result()
+            ),
+            "our client: forward, 1 datum of 8 tokens": lambda: ours.forward(one),
+            "tinker SDK: get_server_capabilities": lambda: asyncio.to_thread(sdk.get_server_capabilities),
+            "our client: get_server_info": client.get_server_info,
+        }
+        await interleaved(tiny, 3)
+        tiny_times = await interleaved(tiny, tiny_reps)
+        await ours.close()
+    finally:
+        await asyncio.to_thread(lambda: sdk.close("success").result())
+    base = step_times["our async client"]
+    ratio = med([a / b for a, b in zip(step_times["tinker SDK"], base, strict=True)])
+    step_rows = [(name, ms(med(t)), f"{med(t) / med(base):.2f}x") for name, t in step_times.items()]
+    tiny_rows = [(name, ms(med(t)), _p90(t)) for name, t in tiny_times.items()]
+    sdk_fwd, our_fwd = (med(t) for t in list(tiny_times.values())[:2])
+    report.section(
+        "8. Tinker SDK vs our client: one SFT step and per-call latency",
+        table(["SFT step (forward_backward cross_entropy + optim_step)", "wall (median)", "vs our client"], step_rows)
+        + f"\n\nMedian of paired reps (SDK / ours): **{ratio:.2f}x**.",
+        table(["tiny call", "median", "p90"], tiny_rows),
+        f"One `trainer-server` process (`--tinker-port 0`, API key `{TINKER_KEY}`) serving {spec.name}; the "
+        f"official tinker SDK ({tinker.__version__}: HTTP, futures polled with retrieve_future) and our "
+        "async client (gRPC) drive it from this process, each with its own LoRA r16 session, on the same "
+        f"{n} x {length}-token datums; {reps} interleaved reps after a warm-up, {tiny_reps} per tiny call. "
+        "The SDK blocks, so its calls run in a worker thread here (`asyncio.to_thread`), as a script would "
+        "call it. get_server_capabilities and get_server_info do no model work: they are the protocol's cost.",
+    )
+    report.goal("8 tinker", "SFT step: tinker SDK / our client (reported)", f"{ratio:.2f}x", None)
+    report.goal(
+        "8 tinker",
+        "tiny forward: tinker SDK vs our client (reported)",
+        f"{sdk_fwd * 1e3:.1f} ms vs {our_fwd * 1e3:.1f} ms ({sdk_fwd / our_fwd:.1f}x)",
+        None,
+    )
+
+
+# ---- 9. sampling through the service --------------------------------------------------------
+
+PROMPT_TOKENS = 20
+NEW_TOKENS = 32
+
+
+def prompt_tokens(count: int, seed: int) -> list[list[int]]:
+    """``count`` distinct random prompts of ``PROMPT_TOKENS`` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 512, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(count)]
+
+
+async def sample_concurrently(sampler: Any, prompts: Sequence[list[int]], num_samples: int = 1) -> int:
+    """Sample every prompt at once (one Sample call each); the number of tokens generated."""
+    from trainer_client import SamplingParams
+
+    params = [SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=i) for i in range(len(prompts))]
+    outs = await asyncio.gather(*(sampler.sample(p, num_samples, params[i]) for i, p in enumerate(prompts)))
+    return sum(len(seq.tokens) for out in outs for seq in out.sequences)
+
+
+async def sampling_throughput(args: argparse.Namespace, sampler: Any) -> tuple[list[tuple[str, ...]], float]:
+    """Rows: one call of 16 samples, 16 and 64 concurrent calls; and the 16-concurrent / one-call ratio."""
+    reps = 1 if args.quick else 3
+    counts = [1, 16] if args.quick else [1, 16, 64]
+    cases: dict[str, tuple[list[list[int]], int]] = {"one call, num_samples=16": (prompt_tokens(1, 0), 16)}
+    for c in counts:
+        cases[f"{c} concurrent call(s), 1 sample each, distinct prompts"] = (prompt_tokens(c, c), 1)
+    await sample_concurrently(sampler, prompt_tokens(4, 99))  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    tokens: dict[str, int] = {}
+    names = list(cases)
+    for rep in range(reps):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            prompts, k = cases[name]
+            started = time.perf_counter()
+            tokens[name] = await sample_concurrently(sampler, prompts, k)
+            times[name].append(time.perf_counter() - started)
+    anchor = med(times[names[0]])
+    rows: list[tuple[str, ...]] = [
+        (n, ms(med(times[n])), f"{med(times[n]) / anchor:.2f}x", str(tokens[n]), f"{tokens[n] / med(times[n]):.0f}")
+        for n in names
+    ]
+    return rows, med(times[names[2]]) / anchor
+
+
+async def training_latencies(
+    tc: AsyncTrainingClient, data: list[Datum], until: Callable[[], bool], least: int
+) -> list[float]:
+    """Step latencies (forward_backward + optim_step, awaited) until ``until()`` and at least ``least`` steps."""
+    out: list[float] = []
+    while len(out) < least or not until():
+        started = time.perf_counter()
+        await fb_step(tc, data)
+        out.append(time.perf_counter() - started)
+    return out
+
+
+async def fair_scheduling(
+    args: argparse.Namespace, client: AsyncServiceClient, spec: ModelSpec
+) -> tuple[list[tuple[str, ...]], float]:
+    """Session B's step latency alone, and while session A samples a long batch; the worst-case ratio."""
+    from trainer_client import SamplingParams
+
+    a = await client.create_training_client(spec.name, lora_rank=LORA_RANK, seed=0)
+    b = await client.create_training_client(spec.name, lora_rank=LORA_RANK, seed=1)
+    data = make_data(4, 32, 512)
+    requests, new_tokens = (16, 64) if args.quick else (64, 128)
+    await fb_step(b, data)
+    alone = await training_latencies(b, data, lambda: True, 5 if args.quick else 10)
+    sampler = a.create_sampling_client()
+    params = SamplingParams(max_tokens=new_tokens, temperature=1.0, seed=0)
+    started = time.perf_counter()
+    batch = asyncio.gather(*(sampler.sample(p, 1, params) for p in prompt_tokens(requests, 7)))
+    loaded = await training_latencies(b, data, batch.done, 2)
+    await batch
+    sampling_s = time.perf_counter() - started
+    await a.close()
+    await b.close()
+    rows: list[tuple[str, ...]] = [
+        ("session B alone", str(len(alone)), ms(med(alone)), ms(max(alone)), "-"),
+        (
+            f"session B while session A samples {requests} x {new_tokens} tokens",
+            str(len(loaded)),
+            ms(med(loaded)),
+            ms(max(loaded)),
+            ms(sampling_s),
+        ),
+    ]
+    return rows, max(loaded) / max(alone)
+
+
+async def bench_sampling(args: argparse.Namespace, client: AsyncServiceClient, spec: ModelSpec, report: Report) -> None:
+    rows, ratio = await sampling_throughput(args, client.create_sampling_client(base_model=spec.name))
+    fair_rows, worst = await fair_scheduling(args, client, spec)
+    report.section(
+        "9. Sampling through the service: batching across calls, throughput, fair scheduling",
+        table(["request pattern", "wall (median)", "vs one call of 16", "tokens generated", "tokens/s"], rows),
+        f"gRPC Sample calls from our async client to a `trainer-server` process serving {spec.name} (base "
+        f"weights); {PROMPT_TOKENS}-token prompts, max {NEW_TOKENS} new tokens, temperature 1, a seed per "
+        "call (a sample ends early at EOS: tokens are counted). Cases interleaved rep by rep; medians.",
+        table(["training steps of session B", "steps", "median step", "worst step", "sampling batch took"], fair_rows),
+        "Session B runs forward_backward + optim_step (4 x 32 tokens, awaited) while session A samples a long "
+        "batch of single-sample calls on its own weights (same base model, same server): the worst step "
+        "with the load shows how long B waits for A.",
+    )
+    report.goal(
+        "9 sampling",
+        "16 concurrent calls (distinct prompts) <= 1.5x one call of num_samples=16",
+        f"{ratio:.2f}x",
+        ratio <= 1.5,
+    )
+    report.goal(
+        "9 sampling", "fair scheduling: B's worst step with A sampling / without (reported)", f"{worst:.1f}x", None
     )
 
 
@@ -1219,6 +1661,8 @@ async def run(args: argparse.Namespace) -> Report:
         needed.add(lora_spec)
     if "memory" in only:
         needed.add(mem_spec)
+    if only & {"tinker", "sampling"}:
+        needed.add(TINY)
     dirs = {spec: ensure_model(spec, root) for spec in sorted(needed, key=lambda s: s.hidden)}
 
     # Memory sections first: in fresh processes (full run), side by side, before the timed work.
@@ -1277,9 +1721,29 @@ async def run(args: argparse.Namespace) -> Report:
             if "overlap" in only:
                 log("overlap")
                 await bench_overlap(args, svc, small, report)
+    if "pipeline" in only:
+        log("pipelining, server in its own process")
+        await bench_pipeline_process(args, dirs, pipeline_specs, report)
+    if "tinker" in only and importlib.util.find_spec("tinker") is None:
+        log("section 8 skipped: the tinker SDK is not installed (the dev extra)")
+        only.discard("tinker")
+    if only & {"tinker", "sampling"}:
+        await bench_remote(args, dirs[TINY], only, report)
     report.print()
     print(f"\nTotal benchmark time {time.perf_counter() - started:.0f} s.", flush=True)
     return report
+
+
+async def bench_remote(args: argparse.Namespace, model_dir: Path, only: set[str], report: Report) -> None:
+    """Sections 8 and 9 against one ``trainer-server`` process (gRPC and the Tinker HTTP API)."""
+    with server_process({TINY: model_dir}, tinker=True, api_keys=[TINKER_KEY]) as proc:
+        async with AsyncServiceClient(proc.address, api_key=TINKER_KEY) as client:
+            if "tinker" in only:
+                log("tinker SDK vs our client")
+                await bench_tinker(args, proc, client, TINY, report)
+            if "sampling" in only:
+                log("sampling through the service")
+                await bench_sampling(args, client, TINY, report)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

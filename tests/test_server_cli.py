@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from trainer_client import AsyncServiceClient
 from trainer_server import Limits, ServerConfig, TrainerServer
-from trainer_server.__main__ import parse_args
+from trainer_server.__main__ import default_torch_threads, parse_args
 
 
 def test_models_keys_and_limits(llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,3 +72,32 @@ async def test_get_server_info_lists_every_limit(llama_dir: Path) -> None:
     async with TrainerServer(config) as server, AsyncServiceClient(server.address) as service:
         info = await service.get_server_info()
     assert info.limits == dataclasses.asdict(limits)
+
+
+def test_default_torch_threads_leave_a_core_on_cpu() -> None:
+    # One core stays free for the event loop (docs/PERFORMANCE.md, section 4b); at least one thread.
+    assert default_torch_threads("cpu", 2) == 1
+    assert default_torch_threads("cpu", 1) == 1
+    assert default_torch_threads("cpu", 16) == 15
+    assert default_torch_threads("cpu", 16, processes_per_node=4) == 3
+    assert default_torch_threads("cuda", 16) is None  # an accelerator: torch's choice
+
+
+@pytest.mark.timeout(120)
+def test_server_process_applies_the_default_torch_threads(llama_dir: Path, tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "trainer_server", "--port", "0", "--device", "cpu", "--model", f"m={llama_dir}"]
+    cmd += ["--checkpoint-dir", str(tmp_path / "ck")]
+    env = dict(os.environ, TRAINER_API_KEYS="")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if line.startswith("trainer-server ready on "):
+                break
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    expected = default_torch_threads("cpu", len(os.sched_getaffinity(0)))
+    assert any(f"torch CPU threads: {expected} (default" in line for line in lines), "\n".join(lines)

@@ -31,7 +31,7 @@ from trainer_server._server import TrainerServer, run_worker
 from trainer_server.core.errors import ServiceError
 from trainer_server.frontends.grpc_auth import load_api_keys
 
-__all__ = ["main", "parse_args"]
+__all__ = ["default_torch_threads", "main", "parse_args"]
 
 
 def _model_arg(value: str) -> tuple[str, Path]:
@@ -44,8 +44,39 @@ def _model_arg(value: str) -> tuple[str, Path]:
     return name, p
 
 
+def default_torch_threads(device_type: str, cpus: int, processes_per_node: int = 1) -> int | None:
+    """Torch CPU threads when ``--torch-threads`` is not given; None leaves torch's choice.
+
+    On a CPU device torch's choice is one OpenMP thread per core, and OpenMP threads busy-wait
+    at every barrier. The server's event loop needs a core too, most of all when a client
+    pipelines (it decodes call k+1 while call k computes): with every core taken by a spinning
+    team, a step ran 2-3x slower, and a pipelined loop 1.3-2.3x slower than an awaited one
+    (docs/PERFORMANCE.md, section 4). So leave one core of this process's share free.
+
+    Args:
+        device_type: the model device's type ("cpu", "cuda", ...).
+        cpus: cores this process may run on (``os.sched_getaffinity``).
+        processes_per_node: server processes sharing those cores (``LOCAL_WORLD_SIZE``).
+    """
+    if device_type != "cpu":
+        return None
+    return max(1, cpus // max(1, processes_per_node) - 1)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     """Parse the command line into a :class:`ServerConfig`."""
+    return _parse(argv)[0]
+
+
+def _parse(argv: list[str] | None) -> tuple[ServerConfig, int | None]:
+    """The config, and ``--torch-threads`` (None when not given)."""
     parser = argparse.ArgumentParser(prog="trainer-server", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
@@ -92,7 +123,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         "--torch-threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: torch's choice); 1 is often fastest on a busy CPU-only machine",
+        help="torch CPU threads (default on a CPU device: one fewer than the cores this process may use, at "
+        "least 1, so the event loop keeps a core; on a GPU: torch's choice). See docs/PERFORMANCE.md",
     )
     parser.add_argument(
         "--cluster-timeout",
@@ -149,12 +181,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     rank = os.environ.get("RANK", "")
     where = f" [rank {rank}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s %(name)s{where}: %(message)s")
-    if args.torch_threads is not None:
-        if args.torch_threads < 1:
-            parser.error("--torch-threads must be at least 1")
-        import torch
-
-        torch.set_num_threads(args.torch_threads)
+    if args.torch_threads is not None and args.torch_threads < 1:
+        parser.error("--torch-threads must be at least 1")
     # A server's log is for people: no per-file progress bars from transformers.
     from transformers.utils import logging as hf_logging
 
@@ -165,7 +193,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     if len(set(names)) != len(names):
         parser.error(f"model names must be unique, got {names}")
     try:
-        return ServerConfig(
+        config = ServerConfig(
             models=dict(args.model),
             host=args.host,
             port=args.port,
@@ -188,6 +216,21 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         )
     except ValueError as exc:  # a limit or setting out of range
         parser.error(str(exc))
+    return config, args.torch_threads
+
+
+def _set_torch_threads(explicit: int | None, device_type: str) -> None:
+    import torch
+
+    threads = explicit
+    if threads is None:
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = default_torch_threads(device_type, _usable_cpus(), processes)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    logging.getLogger("trainer_server").info(
+        "torch CPU threads: %d%s", torch.get_num_threads(), "" if explicit else " (default; --torch-threads to change)"
+    )
 
 
 async def serve(config: ServerConfig, cluster: Cluster | None = None) -> None:
@@ -208,11 +251,12 @@ async def serve(config: ServerConfig, cluster: Cluster | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: serve (rank 0, or a single process), or work for rank 0."""
-    config = parse_args(argv)
+    config, threads = _parse(argv)
     try:
         cluster = init_cluster(config.device, config.cluster_timeout_s)
     except ValueError as exc:
         raise SystemExit(f"trainer-server: {exc}") from None
+    _set_torch_threads(threads, cluster.device.type)
     if cluster.rank == 0:
         asyncio.run(serve(config, cluster))
         return
