@@ -12,13 +12,22 @@ by rep, and medians are reported:
    "recompute" design (forward, local loss, second forward+backward with the gradient as weights).
 3. ``overhead``: a full step through the service vs the same step in-process (``SessionModel``),
    for a small and a ~100M-parameter model; and the tiny-call latency (GetServerInfo).
-4. ``pipeline``: steps submitted ahead vs each call awaited; server busy fraction.
+4. ``pipeline``: steps submitted ahead vs each call awaited: wall per step and server busy
+   fraction with the server embedded (4), and wall per step with the server in its own process
+   (4b: ``python -m trainer_server``), with its default torch threads and, in a full run, with
+   torch's own choice with and without OpenMP spinning.
 5. ``overlap``: a client loss as slow as the forward, window submitted at once vs awaited.
 6. ``lora``: server RSS with 1, 4, 16 LoRA sessions on one base model.
 7. ``memory``: peak server RSS of a custom-loss step vs a built-in step.
+8. ``tinker``: one SFT step through the official tinker SDK (HTTP) vs through our async client
+   (gRPC) on one server process, and each one's per-call latency.
+9. ``sampling``: gRPC Sample calls to a server process: 16 concurrent single-sample calls vs one
+   call of 16 samples, tokens/s at 1, 16 and 64 concurrent calls, and another session's training
+   step latency while a long sampling batch runs.
 
 Sections 6 and 7 run in fresh subprocesses in a full run (clean RSS and ``ru_maxrss``); with
-``--quick`` everything runs in this process. Run::
+``--quick`` everything runs in this process. Sections 4b, 8 and 9 always start ``trainer-server``
+processes (stopped when the section ends). Run::
 
     python scripts/bench.py                    # full run, 3-5 minutes on 2 shared CPU cores
     python scripts/bench.py --quick            # smoke run (< 60 s); the test suite runs it
@@ -214,17 +223,19 @@ class DeviceMeter:
 
     def __init__(self, runtime: Any) -> None:
         self.busy_s = 0.0
+        self.cpu_s = 0.0  # CPU time of the device thread inside that work (busy_s minus waits)
         self._runtime = runtime
         self._orig = runtime.on_device
         runtime.on_device = self._timed
 
     async def _timed(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         def run() -> Any:
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 self.busy_s += time.perf_counter() - started
+                self.cpu_s += time.thread_time() - cpu
 
         return await self._orig(run)
 
@@ -949,53 +960,90 @@ async def run_steps(tc: AsyncTrainingClient, data: list[Datum], steps: int, *, p
         await op
 
 
+@dataclass
+class EmbeddedRuns:
+    """Per-step wall, device time and device-thread CPU of each round, by pipelined (True) or not."""
+
+    wall: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    device: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    cpu: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+
+
+async def measure_embedded(
+    svc: Service, tc: AsyncTrainingClient, data: list[Datum], steps: int, rounds: int
+) -> EmbeddedRuns:
+    """``rounds`` rounds of awaited and pipelined steps back to back, the order alternating."""
+    runs = EmbeddedRuns()
+    meter = DeviceMeter(svc.server.core)
+    try:
+        for r in range(rounds):
+            for pipelined in (False, True) if r % 2 == 0 else (True, False):
+                meter.busy_s = meter.cpu_s = 0.0
+                started = time.perf_counter()
+                await run_steps(tc, data, steps, pipelined=pipelined)
+                runs.wall[pipelined].append((time.perf_counter() - started) / steps)
+                runs.device[pipelined].append(meter.busy_s / steps)
+                runs.cpu[pipelined].append(meter.cpu_s / steps)
+    finally:
+        meter.remove()
+    return runs
+
+
 async def bench_pipeline(args: argparse.Namespace, svc: Service, specs: Sequence[ModelSpec], report: Report) -> None:
     rows = []
     for spec in specs:
         n, length = (4, 32) if args.quick or spec.hidden <= 64 else (8, 128)
-        steps, rounds = (4, 1) if args.quick else (8, 2)
+        steps = 4 if args.quick or spec.hidden > 64 else 8
+        rounds = 1 if args.quick else 6
         data = make_data(n, length, svc.vocab(spec.name))
         tc = await svc.session(spec.name)
         await run_steps(tc, data, 2, pipelined=False)  # warm-up
-        meter = DeviceMeter(svc.server.core)
-        results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-        try:
-            for r in range(rounds):
-                for pipelined in (False, True) if r % 2 == 0 else (True, False):
-                    meter.busy_s = 0.0
-                    started = time.perf_counter()
-                    await run_steps(tc, data, steps, pipelined=pipelined)
-                    results[pipelined].append((time.perf_counter() - started, meter.busy_s))
-        finally:
-            meter.remove()
+        runs = await measure_embedded(svc, tc, data, steps, rounds)
         await tc.close()
+        ratio = med([p / a for a, p in zip(runs.wall[False], runs.wall[True], strict=True)])
         for pipelined in (False, True):
-            wall = med([w for w, _ in results[pipelined]])
-            busy = med([b / w for w, b in results[pipelined]])
+            wall = med(runs.wall[pipelined])
+            busy = med([d / w for w, d in zip(runs.wall[pipelined], runs.device[pipelined], strict=True)])
             rows.append(
                 (
                     f"{spec.name}, {n} x {length}",
                     "next step submitted before awaiting" if pipelined else "each call awaited",
-                    ms(wall / steps),
+                    ms(wall),
+                    f"**{ratio:.3f}x**" if pipelined else "1.000x",
                     f"**{busy:.1%}**",
+                    ms(med(runs.device[pipelined])),
+                    ms(med(runs.cpu[pipelined])),
                 )
             )
             if pipelined:
-                seq_wall = med([w for w, _ in results[False]])
+                awaited_busy = med([d / w for w, d in zip(runs.wall[False], runs.device[False], strict=True)])
                 report.goal(
                     "4 pipelining",
-                    f">= 95% server busy when pipelined ({spec.name})",
-                    f"{busy:.1%} (awaited: {med([b / w for w, b in results[False]]):.1%}; "
-                    f"wall {wall / seq_wall:.2f}x of awaited)",
+                    f">= 95% server busy when pipelined, embedded ({spec.name})",
+                    f"{busy:.1%} (awaited: {awaited_busy:.1%}; wall {ratio:.3f}x of awaited)",
                     busy >= 0.95,
                 )
     report.section(
-        "4. Pipelining: server busy fraction",
-        table(["model, batch", "submission", "wall per step (median)", "server busy"], rows),
-        "Busy = time inside `Runtime.on_device` (all model work: forward, loss, backward, AdamW) / wall time, "
-        "measured by wrapping `server.core.on_device`. Each step = forward_backward (cross_entropy) + "
-        "optim_step, LoRA r16. The remainder is gRPC, datum encode/decode and sequencing on the event loop, "
-        "which shares the 2 cores with torch in this embedded setup.",
+        "4. Pipelining, server embedded: server busy fraction and wall time per step",
+        table(
+            [
+                "model, batch",
+                "submission",
+                "wall per step (median)",
+                "pipelined / awaited (median of paired rounds)",
+                "server busy",
+                "device time per step",
+                "device thread CPU per step",
+            ],
+            rows,
+        ),
+        "Client and server in this process (the server embedded on loopback). Busy = time inside "
+        "`TrainingCore.on_device` (all model work: forward, loss, backward, AdamW) / wall time, measured by "
+        "wrapping `server.core.on_device`; device thread CPU = `time.thread_time()` inside that work, so "
+        "device time minus it is time the device thread waited (for the GIL, held by the event loop that "
+        "serves client and server here, or for a core). Each step = forward_backward (cross_entropy) + "
+        "optim_step, LoRA r16; rounds run the awaited and the pipelined loop back to back, the order "
+        "alternating. Section 4b measures the same with the server in its own process.",
     )
 
 
@@ -1641,7 +1689,8 @@ async def run(args: argparse.Namespace) -> Report:
     mem_label = f"{mem_spec.name}, batch {mem_n} x {mem_len} tokens"
     print(
         f"# Benchmarks ({'--quick' if args.quick else 'full run'})\n\n"
-        f"torch {torch.__version__} (torch.set_num_threads({args.threads}) in every process), grpcio "
+        f"torch {torch.__version__} (torch.set_num_threads({args.threads}) in this process and its workers; "
+        "`trainer-server` processes: their default unless a row says otherwise), grpcio "
         f"{grpc.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPU cores, "
         f"{platform.machine()}, device cpu. C allocator: "
         f"{'tuned as the service does (trainer_proto.alloc)' if ALLOCATOR['tune'] else 'glibc defaults'}. "
