@@ -1332,6 +1332,8 @@ async def bench_tinker(
     sdk_data = tinker_datums(data)
     one = make_data(1, 8, 512, seed=1, prompt=4)
     sdk_one = tinker_datums(one)
+    if proc.tinker_url is None:  # never let the SDK fall back to its hosted default URL
+        raise RuntimeError("the server printed no Tinker API URL:\n" + "\n".join(proc.output))
     sdk = await asyncio.to_thread(tinker.ServiceClient, base_url=proc.tinker_url, api_key=TINKER_KEY)
     try:
         sdk_tc = await asyncio.to_thread(
