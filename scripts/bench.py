@@ -1397,31 +1397,48 @@ def prompt_tokens(count: int, seed: int) -> list[list[int]]:
     return [torch.randint(3, 512, (PROMPT_TOKENS,), generator=g).tolist() for _ in range(count)]
 
 
-async def sample_concurrently(sampler: Any, prompts: Sequence[list[int]], num_samples: int = 1) -> int:
-    """Sample every prompt at once (one Sample call each); the number of tokens generated."""
+@dataclass(frozen=True)
+class SampleCase:
+    """A request pattern: one Sample call per prompt, all at once."""
+
+    prompts: list[list[int]]
+    num_samples: int = 1
+    max_tokens: int = NEW_TOKENS
+
+
+async def sample_concurrently(sampler: Any, case: SampleCase) -> int:
+    """Run a case (every call at once); the number of tokens generated."""
     from trainer_client import SamplingParams
 
-    params = [SamplingParams(max_tokens=NEW_TOKENS, temperature=1.0, seed=i) for i in range(len(prompts))]
-    outs = await asyncio.gather(*(sampler.sample(p, num_samples, params[i]) for i, p in enumerate(prompts)))
+    params = [SamplingParams(max_tokens=case.max_tokens, temperature=1.0, seed=i) for i in range(len(case.prompts))]
+    calls = (sampler.sample(p, case.num_samples, params[i]) for i, p in enumerate(case.prompts))
+    outs = await asyncio.gather(*calls)
     return sum(len(seq.tokens) for out in outs for seq in out.sequences)
 
 
+def sampling_cases(quick: bool) -> dict[str, SampleCase]:
+    """The anchor (one call of 16 samples) first, the goal's case (16 concurrent calls) third."""
+    cases = {"one call, num_samples=16": SampleCase(prompt_tokens(1, 0), 16)}
+    for c in [1, 16] if quick else [1, 16, 64]:
+        cases[f"{c} concurrent call(s), 1 sample each, distinct prompts"] = SampleCase(prompt_tokens(c, c))
+    if not quick:  # the fixed cost per call: prefill, transport, admission; almost no decoding
+        cases["one call, num_samples=16, max_tokens=1"] = SampleCase(prompt_tokens(1, 0), 16, 1)
+        cases["16 concurrent calls, max_tokens=1"] = SampleCase(prompt_tokens(16, 16), 1, 1)
+    return cases
+
+
 async def sampling_throughput(args: argparse.Namespace, sampler: Any) -> tuple[list[tuple[str, ...]], float]:
-    """Rows: one call of 16 samples, 1, 16 and 64 concurrent calls; and the 16-concurrent / one-call ratio."""
+    """Rows of :func:`sampling_cases`; and the 16-concurrent / one-call ratio (median of per-rep ratios)."""
     reps = 1 if args.quick else 7
-    counts = [1, 16] if args.quick else [1, 16, 64]
-    cases: dict[str, tuple[list[list[int]], int]] = {"one call, num_samples=16": (prompt_tokens(1, 0), 16)}
-    for c in counts:
-        cases[f"{c} concurrent call(s), 1 sample each, distinct prompts"] = (prompt_tokens(c, c), 1)
-    await sample_concurrently(sampler, prompt_tokens(4, 99))  # warm-up
+    cases = sampling_cases(args.quick)
+    await sample_concurrently(sampler, SampleCase(prompt_tokens(4, 99)))  # warm-up
     times: dict[str, list[float]] = {k: [] for k in cases}
     tokens: dict[str, int] = {}
     names = list(cases)
     for rep in range(reps):
         for name in names if rep % 2 == 0 else names[::-1]:
-            prompts, k = cases[name]
             started = time.perf_counter()
-            tokens[name] = await sample_concurrently(sampler, prompts, k)
+            tokens[name] = await sample_concurrently(sampler, cases[name])
             times[name].append(time.perf_counter() - started)
     anchor = med(times[names[0]])
     rows: list[tuple[str, ...]] = [
@@ -1485,7 +1502,8 @@ async def bench_sampling(args: argparse.Namespace, client: AsyncServiceClient, s
         table(["request pattern", "wall (median)", "vs one call of 16", "tokens generated", "tokens/s"], rows),
         f"gRPC Sample calls from our async client to a `trainer-server` process serving {spec.name} (base "
         f"weights); {PROMPT_TOKENS}-token prompts, max {NEW_TOKENS} new tokens, temperature 1, a seed per "
-        "call (a sample ends early at EOS: tokens are counted). Cases interleaved rep by rep; medians. The "
+        "call (a sample ends early at EOS: tokens are counted). The max_tokens=1 rows (full run) show the fixed "
+        "cost of a call (prefill, gRPC, admission) apart from decoding. Cases interleaved rep by rep; medians. The "
         "goal's ratio (summary) is the median over reps of 16 concurrent calls / one call of 16 in the same rep.",
         table(["training steps of session B", "steps", "median step", "worst step", "sampling batch took"], fair_rows),
         "Session B runs forward_backward + optim_step (4 x 32 tokens, awaited) while session A samples a long "
