@@ -36,7 +36,7 @@ from trainer_server._checkpoints import now as _now
 from trainer_server._cluster import Cluster, ClusterFailure, pick_device
 from trainer_server._config import ServerConfig
 from trainer_server._engine import AdamSettings, SessionModel
-from trainer_server._errors import ServiceError, invalid_argument, not_found
+from trainer_server._errors import ServiceError, echo, invalid_argument, not_found
 from trainer_server._losses import LOSSES, LossResult
 from trainer_server._models import BaseModel, load_base_model
 from trainer_server._sampling import Sample as SampleOut
@@ -299,7 +299,7 @@ class Runtime:
             raise invalid_argument("base_model is required")
         base = self.models.get(name)
         if base is None:
-            raise not_found(f"unknown base model {name!r}; this server serves {sorted(self.models)}")
+            raise not_found(f"unknown base model {echo(name)}; this server serves {sorted(self.models)}")
         return base
 
     def session(self, session_id: str, owner: str = "") -> Session:
@@ -360,7 +360,7 @@ class Runtime:
             )
         if request.base_model and request.base_model != manifest.base_model:
             raise invalid_argument(
-                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {request.base_model!r}"
+                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {echo(request.base_model)}"
             )
         if request.WhichOneof("mode") is not None:
             raise invalid_argument("resume_from takes the mode from the checkpoint; do not set lora or full")

@@ -25,7 +25,7 @@ from trainer_server._auth import owner_of
 from trainer_server._batch import Batch, parse_datums
 from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._engine import AdamSettings
-from trainer_server._errors import ServiceError, invalid_argument, resource_exhausted
+from trainer_server._errors import ServiceError, cap_message, echo, invalid_argument, resource_exhausted
 from trainer_server._losses import LOSSES
 from trainer_server._losses import validate as validate_loss
 from trainer_server._models import BaseModel
@@ -70,7 +70,7 @@ def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
             code, message = grpc.StatusCode.INTERNAL, f"{name}: internal error; see the server log"
         if streaming:
             await _drain(context)
-        await context.abort(code, message)
+        await context.abort(code, cap_message(message))
 
     return wrapper
 
@@ -334,7 +334,7 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
                 dtype = _logprobs_dtype(start.logprobs_dtype)
                 loss_fn = LOSSES.get(start.loss_fn)
                 if loss_fn is None:
-                    raise invalid_argument(f"unknown loss_fn {start.loss_fn!r}; built-in losses: {sorted(LOSSES)}")
+                    raise invalid_argument(f"unknown loss_fn {echo(start.loss_fn)}; built-in losses: {sorted(LOSSES)}")
                 batch = await self._parse(datums, session)
                 config = dict(start.loss_fn_config)
                 validate_loss(start.loss_fn, batch, config)  # refused before its turn, with no model work
@@ -486,11 +486,13 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             manifest.file(request.file)  # NOT_FOUND for a file the manifest does not list
         path = store.path(request.name) / request.file
         if not path.is_file():
-            raise ServiceError(grpc.StatusCode.DATA_LOSS, f"checkpoint {request.name!r}: {request.file} is missing")
+            raise ServiceError(
+                grpc.StatusCode.DATA_LOSS, f"checkpoint {echo(request.name)}: {echo(request.file)} is missing"
+            )
         size = path.stat().st_size
         if not 0 <= request.offset <= size:
             raise ServiceError(
-                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside {request.file} ({size} bytes)"
+                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is outside {echo(request.file)} ({size} bytes)"
             )
         step = self.runtime.config.limits.chunk_bytes
         with path.open("rb") as f:

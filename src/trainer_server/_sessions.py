@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from trainer_server._engine import SessionModel
-from trainer_server._errors import ServiceError, invalid_argument, not_found, resource_exhausted
+from trainer_server._errors import ServiceError, echo, invalid_argument, not_found, resource_exhausted
 from trainer_server._models import BaseModel
 
 __all__ = [
@@ -367,7 +367,7 @@ class SessionRegistry:
             raise invalid_argument("call.session_id is required")
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise not_found(f"session {session_id!r} does not exist (closed, or never created on this server)")
+            raise not_found(f"session {echo(session_id)} does not exist (closed, or never created on this server)")
         return session
 
     async def close(self, session: Session) -> None:
