@@ -32,12 +32,14 @@ import torch
 
 from trainer_client._config import ClientConfig
 from trainer_client._errors import (
+    APIStatusError,
     DataLossError,
     LossFunctionError,
     NotFoundError,
     PreviousCallFailedError,
     ProtocolError,
     UnavailableError,
+    after_retries,
     from_grpc_error,
     from_status,
 )
@@ -243,13 +245,15 @@ class AsyncTrainingClient:
             # Safe to repeat: the server answers a retried (session, seq, same request)
             # with the stored outcome and never applies a call twice.
             attempts = self._service.config.retry_attempts
+            failures: list[UnavailableError] = []
             async with self._slots:
                 for attempt in range(attempts):
                     try:
                         return await run(seq)
-                    except UnavailableError:
+                    except UnavailableError as exc:
+                        failures.append(exc)
                         if attempt == attempts - 1:
-                            raise
+                            raise after_retries(failures) from exc
                     await asyncio.sleep(random.uniform(0, self._service.config.retry_backoff_s * 2**attempt))
             raise AssertionError("unreachable")
 
@@ -531,13 +535,17 @@ class AsyncServiceClient:
     async def _with_retry(self, method: str, attempt: Callable[[], Awaitable[T]], *, retry: bool) -> T:
         """Run ``attempt``; on UNAVAILABLE, when ``retry``, again after a jittered backoff."""
         attempts = self.config.retry_attempts if retry else 1
+        failures: list[APIStatusError] = []
         for n in range(attempts):
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as exc:
                 error = from_grpc_error(exc, method)
-                if not isinstance(error, UnavailableError) or n == attempts - 1:
+                if not isinstance(error, UnavailableError):
                     raise error from exc
+                failures.append(error)
+                if n == attempts - 1:
+                    raise after_retries(failures) from exc
             await asyncio.sleep(random.uniform(0, self.config.retry_backoff_s * 2**n))
         raise AssertionError("unreachable")
 
