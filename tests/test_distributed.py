@@ -650,3 +650,34 @@ async def test_a_released_forward_leaves_training_as_one_process_has_it(two: Lau
     double = await _after_a_dropped_graph(two.address, batch)
     close(torch.tensor(single[:2]), torch.tensor(double[:2]))
     close(single[2], double[2])
+
+
+def _huge_on_the_last_datum(
+    data: Sequence[Datum], logprobs: list[torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A finite loss (0) whose gradient overflows the parameters' only on the last datum (rank 1's share)."""
+    last = logprobs[-1]
+    return ((last - last.detach()) * 3e38).sum() + 0 * sum(lp.sum() for lp in logprobs[:-1]), {}
+
+
+async def test_an_overflowing_backward_on_one_rank_is_refused_on_every_rank(two: Launched) -> None:
+    """Rank 1's gradients would overflow, rank 0's would not: both refuse, and training goes on as if never called."""
+    batch = uneven_batch()  # rank 0 takes the first datums, rank 1 the last
+    async with AsyncServiceClient(two.address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=None, seed=5)
+        twin = await service.create_training_client(MODEL, lora_rank=None, seed=5)
+        for client in (tc, twin):
+            await client.forward_backward(batch[:1], "cross_entropy")  # a gradient the refusal must keep
+        with pytest.raises(APIStatusError) as info:
+            await asyncio.wait_for(tc.forward_backward_custom(batch, _huge_on_the_last_datum), 120)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "would make the parameter gradients non-finite" in info.value.details
+        norms = []
+        for client in (tc, twin):
+            await client.forward_backward(batch, "cross_entropy")
+            norms.append((await client.optim_step(ADAM)).grad_norm)
+            norms.append(torch.cat((await client.forward(batch)).logprobs))
+        assert norms[0] == norms[2], "a rank kept part of the refused gradient"
+        assert torch.equal(norms[1], norms[3])
+        await tc.close()
+        await twin.close()
