@@ -320,8 +320,9 @@ class SessionModel:
                 weight_decay=settings.weight_decay,
             )
         changed = [p for p in self.params if p.grad is not None]
-        clip = settings.grad_clip_norm > 0 and norm > settings.grad_clip_norm
-        saved = _StepUndo(optimizer, changed, grads=clip)
+        clip = settings.grad_clip_norm > 0 and bool(grads)
+        # clipping scales the gradients by grad_clip_norm / (norm + 1e-6) when that is below 1
+        saved = _StepUndo(optimizer, changed, grads=clip and norm + 1e-6 > settings.grad_clip_norm)
         try:
             if clip:
                 torch.nn.utils.clip_grads_with_norm_(self.params, settings.grad_clip_norm, total)
