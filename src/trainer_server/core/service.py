@@ -64,6 +64,7 @@ from trainer_server.core import ops as _ops
 from trainer_server.core.errors import (
     ErrorCode,
     ServiceError,
+    echo,
     failed_precondition,
     invalid_argument,
     not_found,
@@ -377,7 +378,7 @@ class TrainingCore:
             raise invalid_argument("base_model is required")
         base = self.models.get(name)
         if base is None:
-            raise not_found(f"unknown base model {name!r}; this server serves {sorted(self.models)}")
+            raise not_found(f"unknown base model {echo(name)}; this server serves {sorted(self.models)}")
         return base
 
     def session(self, session_id: str, owner: str = "") -> Session:
@@ -499,7 +500,7 @@ class TrainingCore:
             )
         if base_model and base_model != manifest.base_model:
             raise invalid_argument(
-                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {base_model!r}"
+                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {echo(base_model)}"
             )
         base = self.model(manifest.base_model)
         self.sessions.check_capacity(owner)
@@ -758,7 +759,7 @@ class TrainingCore:
 
         async def run(session: Session, seq_call: SequencedCall) -> ForwardBackwardResult:
             if loss_fn not in LOSSES:
-                raise invalid_argument(f"unknown loss_fn {loss_fn!r}; built-in losses: {sorted(LOSSES)}")
+                raise invalid_argument(f"unknown loss_fn {echo(loss_fn)}; built-in losses: {sorted(LOSSES)}")
             batch = await self._parse(data, session)
             config = dict(loss_config)
             validate_loss(loss_fn, batch, config)  # refused before its turn, with no model work
