@@ -60,6 +60,14 @@ computes the applicable candidates and keeps the smallest (ties go to the earlie
     ``zstd(mask | planes(values))``: ``mask`` is ``ceil(n / 8)`` bytes, bit ``i % 8`` (least
     significant first) of byte ``i // 8`` set where word ``i`` changed; ``values`` as above.
 
+``joined``
+    Small tensors (at most 64 KiB each) that follow each other in name order and have the same
+    word width may be coded together, as if their words were concatenated into one tensor, when
+    that is smaller than coding each alone (a zstd frame costs about a dozen bytes, and models
+    have hundreds of tiny norm and bias tensors). The first tensor of such a *run* holds the
+    run's encoding and blob; each following one has encoding ``joined`` and length 0. A run
+    holds at most 1 MiB of words; its ``changed`` counts are still per tensor.
+
 ``zigzag(d)`` of the ``w``-byte difference ``d`` (taken modulo ``2**(8w)`` and read as a signed
 integer) is ``(d << 1) ^ (d >> (8w - 1))`` (arithmetic shift): 0, -1, 1, -2, ... map to 0, 1, 2,
 3, .... Applying adds ``d`` back modulo ``2**(8w)``.
@@ -74,7 +82,8 @@ Invariants
 
 - Lossless: ``apply_delta(base, write_delta(base, new))`` equals ``new`` bit for bit (NaN
   payloads, signed zeros and subnormals included), for every supported dtype.
-- Never larger than plain XOR+zstd per tensor: ``xor`` (that baseline) is always a candidate.
+- Never larger than plain XOR+zstd per tensor: ``xor`` (that baseline) is always a candidate,
+  and a run of joined tensors is kept only when smaller than its tensors coded one by one.
 - Deterministic: equal inputs and level give byte-identical ``delta.bin`` and ``delta.json``
   (for a given zstd library version). Candidates of large tensors are compressed concurrently on
   a small thread pool; that changes the speed, never the bytes.
@@ -164,10 +173,11 @@ DELTA_JSON: Final = "delta.json"
 WEIGHTS_FILE: Final = "model.safetensors"
 """Name of the weights file in a Hugging Face model directory."""
 
-Encoding = Literal["zero", "xor", "planes", "sparse-diff", "mask-diff", "sparse"]
+Encoding = Literal["zero", "xor", "planes", "sparse-diff", "mask-diff", "joined", "sparse"]
 """How one tensor's change is stored (``sparse`` only in version 1 deltas)."""
-ENCODINGS: Final[tuple[Encoding, ...]] = ("zero", "xor", "planes", "sparse-diff", "mask-diff")
-"""The encodings written, in tie-break order (an earlier one wins a tie in size)."""
+ENCODINGS: Final[tuple[Encoding, ...]] = ("zero", "xor", "planes", "sparse-diff", "mask-diff", "joined")
+"""The encodings written, in tie-break order (an earlier one wins a tie in size; ``joined`` is
+not chosen by size but marks a small tensor coded together with the ones before it)."""
 _V1_ENCODINGS: Final[tuple[Encoding, ...]] = ("zero", "xor", "planes", "sparse")
 _XOR_ENCODINGS: Final = frozenset({"zero", "xor", "planes", "sparse"})
 
@@ -759,6 +769,69 @@ def _check_match(base: Mapping[str, tuple[str, tuple[int, ...]]], new: Mapping[s
     return codes
 
 
+_JOIN_MAX_TENSOR: Final = 64 << 10
+_JOIN_MAX_RUN: Final = 1 << 20
+
+
+@dataclass
+class _Pending:
+    """A small tensor waiting to be coded, alone or joined with its neighbours."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    base: _Bytes
+    new: _Bytes
+
+
+class _Encoder:
+    """Encodes tensors in sorted name order into entries and blobs (written to ``sink``)."""
+
+    def __init__(self, level: int, sink: Any, pool: ThreadPoolExecutor | None) -> None:
+        self.level, self.sink, self.pool = level, sink, pool
+        self.entries: list[TensorDelta] = []
+        self.offset = 0
+        self.run: list[_Pending] = []
+
+    def add(self, name: str, dtype: str, shape: tuple[int, ...], base: _Bytes, new: _Bytes) -> None:
+        itemsize = _DTYPES[dtype][1]
+        if new.nbytes > _JOIN_MAX_TENSOR:
+            self.flush()
+            self._single((name, dtype, shape), _encode_tensor(base, new, itemsize, self.level, self.pool))
+            return
+        run_bytes = sum(p.new.nbytes for p in self.run)
+        if self.run and (_DTYPES[self.run[0].dtype][1] != itemsize or run_bytes + new.nbytes > _JOIN_MAX_RUN):
+            self.flush()
+        # Copies: the new tensor's bytes may be a temporary CPU copy, and the base a mapped file.
+        self.run.append(_Pending(name, dtype, shape, base, new.copy()))
+
+    def flush(self) -> None:
+        run, self.run = self.run, []
+        if not run:
+            return
+        itemsize = _DTYPES[run[0].dtype][1]
+        singles = [_encode_tensor(p.base, p.new, itemsize, self.level, None) for p in run]
+        if len(run) > 1:
+            base = np.concatenate([p.base for p in run])
+            new = np.concatenate([p.new for p in run])
+            encoding, blob, _ = _encode_tensor(base, new, itemsize, self.level, None)
+            if encoding != "zero" and len(blob) < sum(len(b) for _, b, _ in singles):
+                for i, (p, (_, _, changed)) in enumerate(zip(run, singles, strict=True)):
+                    coded: tuple[Encoding, bytes, int] = (
+                        (encoding, blob, changed) if i == 0 else ("joined", b"", changed)
+                    )
+                    self._single((p.name, p.dtype, p.shape), coded)
+                return
+        for p, single in zip(run, singles, strict=True):
+            self._single((p.name, p.dtype, p.shape), single)
+
+    def _single(self, meta: tuple[str, str, tuple[int, ...]], coded: tuple[Encoding, bytes, int]) -> None:
+        (name, dtype, shape), (encoding, blob, changed) = meta, coded
+        self.entries.append(TensorDelta(name, dtype, shape, encoding, self.offset, len(blob), changed))
+        self.sink.write(blob)
+        self.offset += len(blob)
+
+
 def _encode_all(
     names_base: Iterator[tuple[str, _Bytes]],
     new: Mapping[str, torch.Tensor],
@@ -768,21 +841,51 @@ def _encode_all(
 ) -> tuple[list[TensorDelta], str]:
     """Encode tensors in the given (sorted) order, passing each blob to ``sink.write``."""
     hasher = _WeightsHasher()
-    entries: list[TensorDelta] = []
-    offset = 0
     workers = min(3, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="delta-encode") as pool:
+        encoder = _Encoder(level, sink, pool if workers > 1 else None)
         for name, base_raw in names_base:
             t = new[name]
             new_raw = _tensor_bytes(t)
-            itemsize = _DTYPES[codes[name]][1]
-            encoding, blob, changed = _encode_tensor(base_raw, new_raw, itemsize, level, pool if workers > 1 else None)
             shape = tuple(t.shape)
             hasher.add(name, codes[name], shape, new_raw)
-            entries.append(TensorDelta(name, codes[name], shape, encoding, offset, len(blob), changed))
-            sink.write(blob)
-            offset += len(blob)
-    return entries, hasher.hexdigest()
+            encoder.add(name, codes[name], shape, base_raw, new_raw)
+        encoder.flush()
+    return encoder.entries, hasher.hexdigest()
+
+
+def _units(entries: Sequence[TensorDelta]) -> list[list[TensorDelta]]:
+    """Group entries into units that share one blob: a tensor and the ``joined`` ones after it."""
+    units: list[list[TensorDelta]] = []
+    for e in entries:
+        if e.encoding == "joined" and units:
+            units[-1].append(e)
+        else:
+            units.append([e])
+    return units
+
+
+def _decode_unit(
+    unit: Sequence[TensorDelta], bases: Sequence[_Bytes], blob: bytes, *, undo: bool = False
+) -> list[_Bytes]:
+    """Rebuild the new raw bytes of a unit's tensors (with ``undo``: the base bytes from the new)."""
+    if len(unit) == 1:
+        return [_decode_tensor(unit[0], bases[0], blob, undo=undo)]
+    head = unit[0]
+    joined = TensorDelta(
+        head.name, head.dtype, (sum(e.numel for e in unit),), head.encoding, head.offset, head.length,
+        sum(e.changed for e in unit),
+    )  # fmt: skip
+    rebuilt = _decode_tensor(joined, np.concatenate(bases), blob, undo=undo)
+    out: list[_Bytes] = []
+    pos = 0
+    for e, base in zip(unit, bases, strict=True):
+        part = rebuilt[pos : pos + e.raw_bytes]
+        pos += e.raw_bytes
+        if int(np.count_nonzero(_words(part, e.itemsize) ^ _words(base, e.itemsize))) != e.changed:
+            raise _miscount(e)
+        out.append(part)
+    return out
 
 
 def _validate_tiling(entries: Sequence[TensorDelta], total: int, where: str) -> None:
@@ -790,13 +893,23 @@ def _validate_tiling(entries: Sequence[TensorDelta], total: int, where: str) -> 
     for e in entries:
         if e.offset != offset or e.length < 0:
             raise DeltaError(f"{where} is corrupt: tensor {e.name!r} does not start where the previous blob ends")
-        if (e.encoding == "zero") != (e.length == 0) or (e.encoding == "zero") != (e.changed == 0):
-            raise DeltaError(f"{where} is corrupt: tensor {e.name!r} has an inconsistent {e.encoding} entry")
         if not 0 <= e.changed <= e.numel:
             raise DeltaError(f"{where} is corrupt: tensor {e.name!r} has {e.changed} changed of {e.numel}")
         if e.encoding == "planes" and e.itemsize == 1:
             raise DeltaError(f"{where} is corrupt: tensor {e.name!r} of 1-byte words has a planes entry")
         offset += e.length
+    for unit in _units(entries):
+        head = unit[0]
+        stored = head.encoding not in ("zero", "joined")
+        if (
+            stored != (head.length > 0)
+            or (head.encoding == "zero" and head.changed)
+            or (stored and not sum(e.changed for e in unit))
+            or head.encoding == "joined"
+            or (len(unit) > 1 and not stored)
+            or any(e.length or e.itemsize != head.itemsize for e in unit[1:])
+        ):
+            raise DeltaError(f"{where} is corrupt: tensor {head.name!r} has an inconsistent {head.encoding} entry")
     if offset != total:
         raise DeltaError(f"{where} describes {offset} bytes of blobs but {DELTA_BIN} holds {total}")
 
@@ -869,10 +982,14 @@ def decode_delta(base: Mapping[str, torch.Tensor], blob: DeltaBlob) -> dict[str,
     _validate_tiling(blob.tensors, len(blob.data), "the delta")
     hasher = _WeightsHasher()
     out: dict[str, torch.Tensor] = {}
-    for e in blob.tensors:
-        raw = _decode_tensor(e, _tensor_bytes(base[e.name]), blob.data[e.offset : e.offset + e.length])
-        hasher.add(e.name, e.dtype, e.shape, raw)
-        out[e.name] = _to_tensor(raw, e.dtype, e.shape)
+    for unit in _units(blob.tensors):
+        head = unit[0]
+        raws = _decode_unit(
+            unit, [_tensor_bytes(base[e.name]) for e in unit], blob.data[head.offset : head.offset + head.length]
+        )
+        for e, raw in zip(unit, raws, strict=True):
+            hasher.add(e.name, e.dtype, e.shape, raw)
+            out[e.name] = _to_tensor(raw, e.dtype, e.shape)
     if hasher.hexdigest() != blob.new_sha256:
         raise DeltaError("the rebuilt weights do not match the delta's new_sha256: the delta is corrupt")
     return out
@@ -939,24 +1056,27 @@ def apply_delta_inplace(
             raise DeltaError(
                 f"delta was made against base weights sha256 {src.base_weights_sha256}, but these weights are {have}"
             )
-        applied: list[TensorDelta] = []
+        applied: list[list[TensorDelta]] = []
         try:
             hasher = _WeightsHasher()
-            for e in src.entries:
-                t = named[e.name]
-                raw = _tensor_bytes(t)
-                if e.length:
-                    raw = _decode_tensor(e, raw, src.blob(e))
-                    _write_into(t, raw)
-                    applied.append(e)
-                hasher.add(e.name, e.dtype, e.shape, raw)
-                if progress is not None:
-                    progress(e.raw_bytes)
+            for unit in _units(src.entries):
+                raws = [_tensor_bytes(named[e.name]) for e in unit]
+                if unit[0].length:
+                    raws = _decode_unit(unit, raws, src.blob(unit[0]))
+                    for e, raw in zip(unit, raws, strict=True):
+                        _write_into(named[e.name], raw)
+                    applied.append(unit)
+                for e, raw in zip(unit, raws, strict=True):
+                    hasher.add(e.name, e.dtype, e.shape, raw)
+                    if progress is not None:
+                        progress(e.raw_bytes)
             if hasher.hexdigest() != src.new_sha256:
                 raise DeltaError(f"the rebuilt weights do not match new_sha256 of {src.where}: the delta is corrupt")
         except BaseException:
-            for e in reversed(applied):  # every blob here decoded once already, so it decodes again
-                _write_into(named[e.name], _decode_tensor(e, _tensor_bytes(named[e.name]), src.blob(e), undo=True))
+            for unit in reversed(applied):  # every blob here decoded once already, so it decodes again
+                raws = [_tensor_bytes(named[e.name]) for e in unit]
+                for e, raw in zip(unit, _decode_unit(unit, raws, src.blob(unit[0]), undo=True), strict=True):
+                    _write_into(named[e.name], raw)
             raise
         return DeltaStats.from_entries(src.entries, manifest_bytes=src.manifest_bytes)
 
@@ -1385,12 +1505,12 @@ def apply_delta(base_file: Path, delta_dir: Path, *, progress: Progress | None =
             raise DeltaError(f"the delta's index lists other tensors than the base file {base_file}: it is corrupt")
         hasher = _WeightsHasher()
         out: dict[str, torch.Tensor] = {}
-        for e in src.entries:
-            raw = _decode_tensor(e, sf.raw(e.name), src.blob(e))
-            hasher.add(e.name, e.dtype, e.shape, raw)
-            out[e.name] = _to_tensor(raw, e.dtype, e.shape)
-            if progress is not None:
-                progress(e.raw_bytes)
+        for unit in _units(src.entries):
+            for e, raw in zip(unit, _decode_unit(unit, [sf.raw(e.name) for e in unit], src.blob(unit[0])), strict=True):
+                hasher.add(e.name, e.dtype, e.shape, raw)
+                out[e.name] = _to_tensor(raw, e.dtype, e.shape)
+                if progress is not None:
+                    progress(e.raw_bytes)
     if hasher.hexdigest() != src.new_sha256:
         raise DeltaError(f"the rebuilt weights do not match new_sha256 of {DELTA_JSON}: the delta is corrupt")
     return out
