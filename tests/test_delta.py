@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import re
@@ -32,6 +33,7 @@ from trainer_ckpt import (
     write_delta,
     xor_zstd_baseline_size,
 )
+from trainer_ckpt import delta as d
 from trainer_ckpt.__main__ import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -307,7 +309,6 @@ def test_every_encoding_decodes_whatever_the_encoder_would_pick(dtype: torch.dty
     import numpy as np
 
     from trainer_ckpt import DeltaBlob, TensorDelta
-    from trainer_ckpt import delta as d
 
     gen = torch.Generator().manual_seed(7)
     base_t = (torch.rand(3, 1001, generator=gen) * 200).to(dtype)  # 3003 words: the mask ends mid-byte
@@ -423,7 +424,8 @@ def _apply_must_fail(base_file: Path, delta_dir: Path) -> str:
 
 
 def test_flipped_bytes_in_delta_bin_rejected(pair: tuple[Path, dict[str, torch.Tensor], Path]) -> None:
-    base_file, _, delta_dir = pair
+    """Any flipped bit fails delta.bin's sha256; with a matching digest, the blob's own checks or the result's hash."""
+    base_file, new, delta_dir = pair
     good = (delta_dir / DELTA_BIN).read_bytes()
     header, entries = read_manifest(delta_dir)
     stored = [e for e in entries if e.length]
@@ -434,18 +436,34 @@ def test_flipped_bytes_in_delta_bin_rejected(pair: tuple[Path, dict[str, torch.T
     positions |= {blobs_size + k for k in (0, 4, 5, header["index_size"] // 2, header["index_size"] - 1)}
     gen = torch.Generator().manual_seed(0)
     positions |= {int(i) for i in torch.randint(0, len(good), (20,), generator=gen)}
+    head = json.loads((delta_dir / DELTA_JSON).read_text())
+    equivalent = 0
     for i, pos in enumerate(sorted(positions)):
         for mask in (0x01, 0x80) if i % 4 == 0 else (1 << (i % 8),):
             bad = bytearray(good)
             bad[pos] ^= mask
             (delta_dir / DELTA_BIN).write_bytes(bytes(bad))
-            message = _apply_must_fail(base_file, delta_dir)
-            if pos >= blobs_size:
-                assert "the index of" in message and "is corrupt" in message, (pos, message)
-            else:
-                owner = next(e for e in stored if e.offset <= pos < e.offset + e.length)
-                assert f"tensor {owner.name!r}" in message, (pos, message)
+            (delta_dir / DELTA_JSON).write_text(json.dumps(head))
+            assert "delta.bin is corrupt: its sha256 is" in _apply_must_fail(base_file, delta_dir)
+            # A writer that hashed the corrupt bytes: the frames' checks, then the result's hash.
+            (delta_dir / DELTA_JSON).write_text(
+                json.dumps({**head, "delta_bin_sha256": hashlib.sha256(bad).hexdigest()})
+            )
+            try:
+                rebuilt = apply_delta(base_file, delta_dir)
+            except DeltaError as exc:
+                message = str(exc)
+                if pos >= blobs_size:
+                    assert "the index of" in message and "is corrupt" in message, (pos, message)
+                else:
+                    owner = next(e for e in stored if e.offset <= pos < e.offset + e.length)
+                    assert f"tensor {owner.name!r}" in message or "new_sha256" in message, (pos, message)
+            else:  # a bit zstd never reads (padding, an unused table entry): the same content
+                assert_bitwise_equal(rebuilt, new)
+                equivalent += 1
+    assert equivalent < len(positions) / 4
     (delta_dir / DELTA_BIN).write_bytes(good)
+    (delta_dir / DELTA_JSON).write_text(json.dumps(head))
     apply_delta(base_file, delta_dir)
 
 
@@ -468,6 +486,7 @@ def _read_parts(delta_dir: Path) -> tuple[dict[str, Any], bytes, dict[str, Any]]
     data = (delta_dir / DELTA_BIN).read_bytes()
     blobs = data[: header["blobs_size"]]
     columns = json.loads(zstandard.ZstdDecompressor().decompress(data[header["blobs_size"] :]))
+    columns["names"] = d._front_decode(columns.pop("name_prefix"), columns.pop("name_suffix"), "index")
     return header, blobs, columns
 
 
@@ -475,9 +494,13 @@ def _write_parts(
     delta_dir: Path, header: dict[str, Any], blobs: bytes, columns: dict[str, Any], *, index_size: int | None = None
 ) -> None:
     """Write a version 2 delta by hand, the header's sizes made consistent (or ``index_size`` forced)."""
+    if isinstance(columns.get("names"), list):
+        prefix, suffix = d._front_code(columns["names"])
+        columns = {k: v for k, v in columns.items() if k != "names"} | {"name_prefix": prefix, "name_suffix": suffix}
     index = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(json.dumps(columns).encode())
     (delta_dir / DELTA_BIN).write_bytes(blobs + index)
     size = len(index) if index_size is None else index_size
+    header = {**header, "delta_bin_sha256": hashlib.sha256(blobs + index).hexdigest()}
     (delta_dir / DELTA_JSON).write_text(
         json.dumps({**header, "blobs_size": len(blobs) - size + len(index), "index_size": size})
     )
@@ -511,7 +534,7 @@ def test_corrupt_header_and_index_rejected(pair: tuple[Path, dict[str, torch.Ten
     base_file, _, delta_dir = pair
     header, blobs, columns = _read_parts(delta_dir)
 
-    def edit(head: dict[str, Any] | None = None, **changes: Any) -> str:
+    def edit(head: dict[str, Any] | None = None, /, **changes: Any) -> str:
         _write_parts(delta_dir, {**header, **(head or {})}, blobs, {**columns, **changes})
         return _apply_must_fail(base_file, delta_dir)
 
@@ -532,6 +555,11 @@ def test_corrupt_header_and_index_rejected(pair: tuple[Path, dict[str, torch.Ten
     assert "unknown encoding 'lz4'" in edit(encodings=["lz4", *columns["encodings"][1:]])
     assert "not sorted" in edit(**{k: list(reversed(v)) for k, v in columns.items()})
     assert "differ in length" in edit(names=columns["names"][:-1])
+    prefix, suffix = d._front_code(columns["names"])
+    prefix[1] = 10**6
+    bad_names = {k: v for k, v in columns.items() if k != "names"} | {"name_prefix": prefix, "name_suffix": suffix}
+    _write_parts(delta_dir, header, blobs, bad_names)
+    assert "the name of tensor 1 is malformed" in _apply_must_fail(base_file, delta_dir)
     assert "lacks the lists" in edit(shapes=None)
     assert "base_weights_sha256 is not a sha256" in edit({"base_weights_sha256": "abc"})
     other_shape = [list(s) for s in columns["shapes"]]

@@ -25,6 +25,10 @@ On-disk format, version 2 (a delta directory)
         The zstd compression level of the blobs (informational).
     ``blobs_size`` / ``index_size``
         Sizes in bytes of the two parts of ``delta.bin``.
+    ``delta_bin_sha256``
+        sha256 of ``delta.bin``: checked before anything is decoded, so a corrupt or truncated
+        delta is refused before a single weight changes (zstd's own checksums cover decoded
+        content, and a flipped bit in a compressed stream may decode to the same content).
 
 ``delta.bin``
     The compressed blobs of all tensors, concatenated in index order with no padding, header or
@@ -35,9 +39,11 @@ On-disk format, version 2 (a delta directory)
 The index
     One zstd frame (content size and checksum, level 19) holding compact UTF-8 JSON with one
     list per field, each with one item per tensor in sorted name order (Python ``str`` order):
-    ``names``, ``dtypes`` (safetensors codes ``F32``, ``BF16``, ...), ``shapes`` (lists of ints),
-    ``encodings``, ``lengths`` (blob sizes; offsets are their running sums) and ``changed``
-    (number of words that differ from the base). Column lists compress to a few bytes per tensor;
+    ``name_prefix`` and ``name_suffix`` (front-coded names: name ``i`` is the first
+    ``name_prefix[i]`` characters of name ``i - 1`` followed by ``name_suffix[i]``), ``dtypes``
+    (safetensors codes ``F32``, ``BF16``, ...), ``shapes`` (lists of ints), ``encodings``,
+    ``lengths`` (blob sizes; offsets are their running sums) and ``changed`` (number of words
+    that differ from the base). Column lists compress to a few bytes per tensor;
     per-tensor integrity comes from each frame's checksum and exact content size, and the whole
     result is checked against ``new_sha256``.
 
@@ -87,12 +93,13 @@ Invariants
 - Deterministic: equal inputs and level give byte-identical ``delta.bin`` and ``delta.json``
   (for a given zstd library version). Candidates of large tensors are compressed concurrently on
   a small thread pool; that changes the speed, never the bytes.
-- Verified: applying checks the manifest, the base's canonical hash before anything else, that
-  the blobs and the index tile ``delta.bin`` exactly, that every zstd frame decodes (checksum
-  included) to exactly the expected size with the recorded number of changed words, and finally
-  :func:`weights_sha256` of the whole result. Any mismatch, truncation or flipped byte raises
-  :class:`DeltaError`; a wrong result is never returned, and :func:`apply_delta_inplace` restores
-  the weights it had already changed before raising.
+- Verified: applying checks the header, ``delta.bin``'s size and sha256 and the base's
+  canonical hash before anything else, that the blobs and the index tile ``delta.bin``
+  exactly, that every zstd frame decodes (checksum included) to exactly the expected size with
+  the recorded number of changed words, and finally :func:`weights_sha256` of the whole result.
+  Any mismatch, truncation or flipped byte raises :class:`DeltaError`; a wrong result is never
+  returned, and :func:`apply_delta_inplace` restores the weights it had already changed before
+  raising.
 - Bounded: decoding never allocates more than a tensor's size (plus its index or mask) per blob,
   whatever ``delta.bin`` claims; the index is at most 256 MiB decoded.
 - ``write_delta`` fsyncs ``delta.bin``, then writes and fsyncs ``delta.json``, then fsyncs the
@@ -1146,10 +1153,40 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _front_code(names: Sequence[str]) -> tuple[list[int], list[str]]:
+    """Front-code sorted names: (characters shared with the previous name, the rest)."""
+    prefix: list[int] = []
+    suffix: list[str] = []
+    previous = ""
+    for name in names:
+        shared = 0
+        limit = min(len(previous), len(name))
+        while shared < limit and previous[shared] == name[shared]:
+            shared += 1
+        prefix.append(shared)
+        suffix.append(name[shared:])
+        previous = name
+    return prefix, suffix
+
+
+def _front_decode(prefix: Sequence[Any], suffix: Sequence[Any], where: str) -> list[str]:
+    """Invert :func:`_front_code`, checking every item."""
+    names: list[str] = []
+    previous = ""
+    for i, (shared, rest) in enumerate(zip(prefix, suffix, strict=True)):
+        if not isinstance(rest, str) or not isinstance(shared, int) or not 0 <= shared <= len(previous):
+            raise DeltaError(f"{where} is corrupt: the name of tensor {i} is malformed")
+        previous = previous[:shared] + rest
+        names.append(previous)
+    return names
+
+
 def _index_frame(entries: Sequence[TensorDelta]) -> bytes:
     """The index of a version 2 delta: column lists as compact JSON, one zstd frame."""
+    prefix, suffix = _front_code([e.name for e in entries])
     columns = {
-        "names": [e.name for e in entries],
+        "name_prefix": prefix,
+        "name_suffix": suffix,
         "dtypes": [e.dtype for e in entries],
         "shapes": [list(e.shape) for e in entries],
         "encodings": [e.encoding for e in entries],
@@ -1200,9 +1237,10 @@ def write_delta(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / DELTA_BIN).open("wb") as f:
-        entries, new_sha = _encode_all(base_iter(), new_tensors, codes, level, f)
+        sink = _HashingWriter(f)
+        entries, new_sha = _encode_all(base_iter(), new_tensors, codes, level, sink)
         index = _index_frame(entries)
-        f.write(index)
+        sink.write(index)
         f.flush()
         os.fsync(f.fileno())
     header = {
@@ -1213,6 +1251,7 @@ def write_delta(
         "zstd_level": level,
         "blobs_size": sum(e.length for e in entries),
         "index_size": len(index),
+        "delta_bin_sha256": sink.hexdigest(),
     }
     text = json.dumps(header, separators=(",", ":")) + "\n"
     with (out_dir / DELTA_JSON).open("w", encoding="utf-8") as jf:
@@ -1221,6 +1260,20 @@ def write_delta(
         os.fsync(jf.fileno())
     fsync_dir(out_dir)
     return DeltaStats.from_entries(entries, manifest_bytes=len(text.encode("utf-8")) + len(index))
+
+
+class _HashingWriter:
+    """Writes to a file and hashes what it writes (sha256)."""
+
+    def __init__(self, f: Any) -> None:
+        self._f, self._h = f, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self._h.update(data)
+        self._f.write(data)
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def _sha_field(value: Any, what: str, where: str = DELTA_JSON) -> str:
@@ -1355,7 +1408,8 @@ def _read_manifest(delta_dir: Path) -> _Manifest:
         base_sha = None
         blobs_size = _int_field(data.get("blobs_size"), "blobs_size")
         index_size = _int_field(data.get("index_size"), "index_size")
-        entries = _read_index(bin_path, blobs_size, index_size)
+        bin_sha = _sha_field(data.get("delta_bin_sha256"), "delta_bin_sha256")
+        entries = _read_index(bin_path, blobs_size, index_size, bin_sha)
     names = [e.name for e in entries]
     if names != sorted(set(names)):
         raise DeltaError(f"{path if version == 1 else 'the index'} is corrupt: tensor names are not sorted and unique")
@@ -1383,11 +1437,14 @@ def _check_bin_size(bin_path: Path, expected: int) -> None:
         raise DeltaError(f"{bin_path} is {state}: {size} bytes, but {DELTA_JSON} expects {expected}")
 
 
-def _read_index(bin_path: Path, blobs_size: int, index_size: int) -> tuple[TensorDelta, ...]:
-    """Read, decompress and validate the index at the end of a version 2 ``delta.bin``."""
+def _read_index(bin_path: Path, blobs_size: int, index_size: int, sha256: str) -> tuple[TensorDelta, ...]:
+    """Check a version 2 ``delta.bin``'s size and sha256, then read and validate its index."""
     _check_bin_size(bin_path, blobs_size + index_size)
     where = f"the index of {bin_path}"
     with bin_path.open("rb") as f:
+        have = hashlib.file_digest(f, "sha256").hexdigest()
+        if have != sha256:
+            raise DeltaError(f"{bin_path} is corrupt: its sha256 is {have}, but {DELTA_JSON} expects {sha256}")
         f.seek(blobs_size)
         frame = f.read(index_size)
     try:
@@ -1398,12 +1455,13 @@ def _read_index(bin_path: Path, blobs_size: int, index_size: int) -> tuple[Tenso
         columns = json.loads(text.decode("utf-8"))
     except (zstandard.ZstdError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DeltaError(f"{where} is corrupt: {exc}") from None
-    keys = ("names", "dtypes", "shapes", "encodings", "lengths", "changed")
+    keys = ("name_prefix", "name_suffix", "dtypes", "shapes", "encodings", "lengths", "changed")
     if not isinstance(columns, dict) or not all(isinstance(columns.get(k), list) for k in keys):
         raise DeltaError(f"{where} is corrupt: it lacks the lists {', '.join(keys)}")
-    count = len(columns["names"])
+    count = len(columns["name_prefix"])
     if any(len(columns[k]) != count for k in keys):
         raise DeltaError(f"{where} is corrupt: its lists differ in length")
+    columns["names"] = _front_decode(columns["name_prefix"], columns["name_suffix"], where)
     entries: list[TensorDelta] = []
     offset = 0
     for i in range(count):
