@@ -4,9 +4,9 @@ A delta records how a set of tensors (the *new* weights) differs from a *base* s
 names, shapes and dtypes, such that applying it to the base rebuilds the new tensors **bit for
 bit**. Each element is viewed as an unsigned integer *word* of its width (2 bytes for bf16/fp16,
 4 for fp32, ...). Words that did not change cost almost nothing; for those that did, a training
-step mostly moves a float by a few units in the last place, so either the XOR of the two words or
-their integer difference ``new - base`` (modulo ``2**bits``, zigzag-coded so that +-1 ulp becomes
-2 or 1) has mostly zero high bytes, which compresses well.
+step mostly moves a float by one or a few units in the last place, so their integer difference
+``new - base`` (a sign and a small magnitude) or the XOR of the two words (mostly zero high
+bytes) compresses well.
 
 On-disk format, version 2 (a delta directory)
 ---------------------------------------------
@@ -58,14 +58,13 @@ computes the applicable candidates and keeps the smallest (ties go to the earlie
     ``zstd(planes(base ^ new))`` where plane ``k`` holds byte ``k`` (little-endian order) of every
     word, in element order, and planes are concatenated ``0, 1, ..., w-1``. Only for ``w > 1``.
 ``sparse-diff``
-    ``zstd(planes(gaps) | planes(values))``: ``values`` are the ``c`` nonzero
-    ``zigzag(new - base)`` words in element order and ``gaps`` the distances between their flat
-    indices (``gap[0] = idx[0]``, ``gap[i] = idx[i] - idx[i-1] - 1``) as ``uint32`` (``uint64``
-    for tensors of more than ``2**32`` elements). Tried when ``c <= n / 4``.
+    ``zstd(planes(gaps) | values)``: ``gaps`` are the distances between the flat indices of the
+    ``c`` changed words (``gap[0] = idx[0]``, ``gap[i] = idx[i] - idx[i-1] - 1``) as ``uint32``
+    (``uint64`` for tensors of more than ``2**32`` elements); ``values`` as below. Tried when
+    ``c <= n / 4``.
 ``mask-diff``
-    ``zstd(mask | planes(values))``: ``mask`` is ``ceil(n / 8)`` bytes, bit ``i % 8`` (least
-    significant first) of byte ``i // 8`` set where word ``i`` changed; ``values`` as above.
-
+    ``zstd(mask | values)``: ``mask`` is ``ceil(n / 8)`` bytes, bit ``i % 8`` (least significant
+    first) of byte ``i // 8`` set where word ``i`` changed.
 ``joined``
     Small tensors (at most 64 KiB each) that follow each other in name order and have the same
     word width may be coded together, as if their words were concatenated into one tensor, when
@@ -74,9 +73,13 @@ computes the applicable candidates and keeps the smallest (ties go to the earlie
     run's encoding and blob; each following one has encoding ``joined`` and length 0. A run
     holds at most 1 MiB of words; its ``changed`` counts are still per tensor.
 
-``zigzag(d)`` of the ``w``-byte difference ``d`` (taken modulo ``2**(8w)`` and read as a signed
-integer) is ``(d << 1) ^ (d >> (8w - 1))`` (arithmetic shift): 0, -1, 1, -2, ... map to 0, 1, 2,
-3, .... Applying adds ``d`` back modulo ``2**(8w)``.
+``values`` of the ``c`` changed words, in element order: the difference ``d = new - base``
+modulo ``2**(8w)``, read as a signed integer, is split into its sign and magnitude ``a = |d|``
+(at least 1; a training step mostly moves a float by one unit in the last place) and stored as
+three sections: ``ceil(c / 8)`` bytes of sign bits (set where ``d < 0``), ``ceil(c / 8)`` bytes
+of "big" bits (set where ``a > 1``), then ``planes(a - 2)`` of the big words only. Bits are
+packed least significant first, padding bits are 0. Applying adds ``d`` back modulo ``2**(8w)``.
+Within one frame, zstd ends a block after each section, so each has entropy tables of its own.
 
 Version 1 (read, never written) had a pretty-printed ``delta.json`` listing every tensor with a
 sha256 each, the base identified by the sha256 of its *file* and a ``sparse`` encoding with XOR
@@ -531,17 +534,47 @@ def _from_planes(planes: _Bytes, width: int) -> _Words:
     return np.ascontiguousarray(planes.reshape(width, -1).T).reshape(-1).view(_WORD[width])
 
 
-def _zigzag(diff: _Words) -> _Words:
-    """Map the differences (modulo 2**bits, read as signed) 0, -1, 1, -2, ... to 0, 1, 2, 3, ..."""
+def _value_sections(diff: _Words) -> list[_Bytes]:
+    """Code nonzero differences (modulo 2**bits) as sign bits, "bigger than 1" bits and the rest.
+
+    Most changed words moved by one unit in the last place: their cost is then one sign bit plus
+    a "big" bit that is almost always 0, both packed eight to a byte, which zstd's entropy coder
+    brings close to their entropy (it cannot code a whole byte per word in less than one bit).
+    """
     width = diff.dtype.itemsize
-    signed = diff.view(_SIGNED[width])
-    return cast(_Words, ((signed << 1) ^ (signed >> (8 * width - 1))).view(_WORD[width]))
+    negative = diff.view(_SIGNED[width]) < 0
+    magnitude = np.where(negative, ~diff + diff.dtype.type(1), diff)
+    big = magnitude > 1
+    rest = magnitude[big] - diff.dtype.type(2)
+    return [
+        cast(_Bytes, np.packbits(negative, bitorder="little")),
+        cast(_Bytes, np.packbits(big, bitorder="little")),
+        _to_planes(rest),
+    ]
 
 
-def _unzigzag(z: _Words) -> _Words:
-    """Invert :func:`_zigzag` (the result is the difference modulo 2**bits)."""
-    ones = z.dtype.type(np.iinfo(z.dtype).max)
-    return cast(_Words, (z >> 1) ^ ((z & 1) * ones))
+def _bits(packed: _Bytes, count: int, entry: TensorDelta) -> npt.NDArray[np.uint8]:
+    """Unpack ``count`` bits (least significant first); the padding bits must be 0."""
+    if count % 8 and packed.size and packed[-1] >> (count % 8):
+        raise DeltaError(f"tensor {entry.name!r} is corrupt: padding bits are set")
+    return np.unpackbits(packed, count=count, bitorder="little")
+
+
+def _values_from_sections(payload: _Bytes, count: int, itemsize: int, entry: TensorDelta) -> _Words:
+    """Invert :func:`_value_sections` for ``count`` values; ``payload`` must hold exactly them."""
+    packed = (count + 7) // 8
+    if payload.size < 2 * packed:
+        raise DeltaError(f"tensor {entry.name!r} is corrupt: its change is truncated")
+    negative = _bits(payload[:packed], count, entry).view(np.bool_)
+    big = _bits(payload[packed : 2 * packed], count, entry).view(np.bool_)
+    n_big = int(np.count_nonzero(big))
+    if payload.size != 2 * packed + n_big * itemsize:
+        raise DeltaError(f"tensor {entry.name!r} is corrupt: it holds {payload.size} bytes of change, expected "
+                         f"{2 * packed + n_big * itemsize}")  # fmt: skip
+    word = _WORD[itemsize]
+    magnitude = np.ones(count, dtype=word)
+    magnitude[big] = _from_planes(payload[2 * packed :], itemsize) + word(2)
+    return cast(_Words, np.where(negative, ~magnitude + word(1), magnitude))
 
 
 def _gap_width(numel: int) -> int:
@@ -595,9 +628,9 @@ def _diff_sections(
     """Return the sections of ``mask-diff`` and (when ``sparse``) of ``sparse-diff``."""
     mask = xor != 0
     index = np.flatnonzero(mask)
-    values = _to_planes(_zigzag(new[index] - base[index]))
-    mask_sections = [cast(_Bytes, np.packbits(mask, bitorder="little")), values]
-    sparse_sections = [_to_planes(_gaps(index, xor.size)), values] if sparse else None
+    values = _value_sections(new[index] - base[index])
+    mask_sections = [cast(_Bytes, np.packbits(mask, bitorder="little")), *values]
+    sparse_sections = [_to_planes(_gaps(index, xor.size)), *values] if sparse else None
     return mask_sections, sparse_sections
 
 
@@ -636,15 +669,22 @@ def _where(entry: TensorDelta) -> str:
     return f"tensor {entry.name!r} (bytes {entry.offset}..{entry.offset + entry.length} of {DELTA_BIN})"
 
 
-def _decompress(entry: TensorDelta, blob: bytes, expected: int) -> _Bytes:
-    """Decompress one blob, which must be a single zstd frame of exactly ``expected`` bytes."""
+def _decompress(entry: TensorDelta, blob: bytes, expected: int, *, at_least: int | None = None) -> _Bytes:
+    """Decompress one blob, which must be a single zstd frame of exactly ``expected`` bytes.
+
+    With ``at_least``, any size from ``at_least`` to ``expected`` is accepted.
+    """
     where = _where(entry)
     try:
         params = zstandard.get_frame_parameters(blob)
     except zstandard.ZstdError as exc:
         raise DeltaError(f"{where} is corrupt: not a zstd frame ({exc})") from None
-    if params.content_size != expected:
-        raise DeltaError(f"{where} is corrupt: frame holds {params.content_size} bytes, expected {expected}")
+    size = params.content_size
+    low = expected if at_least is None else at_least
+    if not low <= size <= expected:
+        want = f"{expected}" if at_least is None else f"{at_least} to {expected}"
+        raise DeltaError(f"{where} is corrupt: frame holds {size} bytes, expected {want}")
+    expected = size
     try:
         out = zstandard.ZstdDecompressor().decompress(blob, max_output_size=expected, allow_extra_data=False)
     except zstandard.ZstdError as exc:
@@ -680,14 +720,13 @@ def _decode_tensor(entry: TensorDelta, base: _Bytes, blob: bytes, *, undo: bool 
             new_words = base_words.copy()
             new_words[index] ^= values
         elif index is None:  # mask-diff: values cover every word
-            diff = _unzigzag(values)
-            new_words = base_words - diff if undo else base_words + diff
+            new_words = base_words - values if undo else base_words + values
         else:
             new_words = base_words.copy()
             if undo:
-                new_words[index] -= _unzigzag(values)
+                new_words[index] -= values
             else:
-                new_words[index] += _unzigzag(values)
+                new_words[index] += values
     raw = cast(_Bytes, new_words.view(np.uint8))
     if entry.sha256 is not None and not undo:
         digest = _sha256_hex(raw)
@@ -702,34 +741,40 @@ def _decode_tensor(entry: TensorDelta, base: _Bytes, blob: bytes, *, undo: bool 
 def _sparse_change(entry: TensorDelta, blob: bytes) -> tuple[npt.NDArray[np.int64] | None, _Words]:
     """Decode a ``sparse``, ``sparse-diff`` or ``mask-diff`` blob.
 
-    Returns ``(index, values)``: the flat indices of the changed words and their values, or for
-    ``mask-diff`` ``(None, dense)`` with the values expanded to every word (0 where unchanged):
-    a gather over the running count of the mask, several times faster than scattering.
+    Returns ``(index, values)``: the flat indices of the changed words and their XOR (version 1
+    ``sparse``) or difference, or for ``mask-diff`` ``(None, dense)`` with the differences
+    expanded to every word (0 where unchanged): a gather over the running count of the mask,
+    several times faster than scattering.
     """
     itemsize, numel, changed = entry.itemsize, entry.numel, entry.changed
+    values_min, values_max = 2 * ((changed + 7) // 8), 2 * ((changed + 7) // 8) + changed * itemsize
     if entry.encoding == "mask-diff":
         mask_bytes = (numel + 7) // 8
-        payload = _decompress(entry, blob, mask_bytes + changed * itemsize)
-        mask = np.unpackbits(payload[:mask_bytes], count=numel, bitorder="little")
+        payload = _decompress(entry, blob, mask_bytes + values_max, at_least=mask_bytes + values_min)
+        mask = _bits(payload[:mask_bytes], numel, entry)
         rank = np.cumsum(mask, dtype=np.intp)
-        if (int(rank[-1]) if numel else 0) != changed or (numel % 8 and payload[mask_bytes - 1] >> (numel % 8)):
+        if (int(rank[-1]) if numel else 0) != changed:
             raise _miscount(entry)
-        values = _from_planes(payload[mask_bytes:], itemsize)
+        values = _values_from_sections(payload[mask_bytes:], changed, itemsize, entry)
         if int(np.count_nonzero(values)) != changed:
             raise DeltaError(f"tensor {entry.name!r} is corrupt: a changed value is zero")
         dense = np.concatenate([np.zeros(1, values.dtype), values]).take(rank)
         dense *= mask.astype(dense.dtype, copy=False)
         return None, dense
     gap_width = _gap_width(numel)
-    payload = _decompress(entry, blob, changed * (gap_width + itemsize))
     split = changed * gap_width
+    if entry.encoding == "sparse":  # version 1: planes of the gaps, then planes of the XOR values
+        payload = _decompress(entry, blob, changed * (gap_width + itemsize))
+        values = _from_planes(payload[split:], itemsize)
+    else:
+        payload = _decompress(entry, blob, split + values_max, at_least=split + values_min)
+        values = _values_from_sections(payload[split:], changed, itemsize, entry)
     gaps = _from_planes(payload[:split], gap_width)
     if changed and int(gaps.max()) >= numel:
         raise DeltaError(f"tensor {entry.name!r} is corrupt: sparse index out of range")
     index = np.cumsum(gaps.astype(np.int64) + 1) - 1
     if changed and int(index[-1]) >= numel:
         raise DeltaError(f"tensor {entry.name!r} is corrupt: sparse index out of range")
-    values = _from_planes(payload[split:], itemsize)
     if int(np.count_nonzero(values)) != changed:
         raise DeltaError(f"tensor {entry.name!r} is corrupt: a changed value is zero")
     return index, values
