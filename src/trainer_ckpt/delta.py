@@ -189,7 +189,6 @@ ENCODINGS: Final[tuple[Encoding, ...]] = ("zero", "xor", "planes", "sparse-diff"
 """The encodings written, in tie-break order (an earlier one wins a tie in size; ``joined`` is
 not chosen by size but marks a small tensor coded together with the ones before it)."""
 _V1_ENCODINGS: Final[tuple[Encoding, ...]] = ("zero", "xor", "planes", "sparse")
-_XOR_ENCODINGS: Final = frozenset({"zero", "xor", "planes", "sparse"})
 
 Progress = Callable[[int], None]
 """Called after each tensor is applied, with that tensor's size in bytes."""
@@ -1089,7 +1088,7 @@ def apply_delta_inplace(
     tensors: Mapping[str, torch.Tensor] = (
         target.state_dict() if not isinstance(target, Mapping) else target  # type: ignore[union-attr]
     )
-    with _open_source(delta) as src:
+    with _Source(delta) as src:
         missing = [e.name for e in src.entries if e.name not in tensors]
         if missing:
             raise DeltaError(f"the weights lack tensors the delta changes: {_fmt_names(missing)}")
@@ -1564,10 +1563,6 @@ class _Source:
         self.close()
 
 
-def _open_source(delta: DeltaBlob | Path | str) -> _Source:
-    return _Source(delta)
-
-
 def apply_delta(base_file: Path, delta_dir: Path, *, progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Rebuild the new tensors from the base weights file and a delta directory.
 
@@ -1590,7 +1585,7 @@ def apply_delta(base_file: Path, delta_dir: Path, *, progress: Progress | None =
     """
     _check_host()
     base_file, delta_dir = Path(base_file), Path(delta_dir)
-    with _open_source(delta_dir) as src:
+    with _Source(delta_dir) as src:
         sf = _SafetensorsFile(base_file)
         if src.base_sha256 is not None:
             if sf.sha256 != src.base_sha256:
