@@ -237,16 +237,23 @@ def _bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bo
     )
 
 
-def _measure(codec: Any, base_file: Path, new: dict[str, torch.Tensor], out: Path, level: int) -> tuple[Measured, Any]:
-    """Write and apply a delta with ``codec`` (a delta module); return the measures and its stats."""
-    shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
-    stats = codec.write_delta(base_file, new, out, level=level)
-    t1 = time.perf_counter()
-    rebuilt = codec.apply_delta(base_file, out)
-    t2 = time.perf_counter()
+def _measure(
+    codec: Any, base_file: Path, new: dict[str, torch.Tensor], out: Path, *, level: int, repeat: int
+) -> tuple[Measured, Any]:
+    """Write and apply a delta with ``codec`` (a delta module) ``repeat`` times; best times, and its stats."""
+    encode_s = apply_s = math.inf
+    exact = True
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        stats = codec.write_delta(base_file, new, out, level=level)
+        t1 = time.perf_counter()
+        rebuilt = codec.apply_delta(base_file, out)
+        t2 = time.perf_counter()
+        encode_s, apply_s = min(encode_s, t1 - t0), min(apply_s, t2 - t1)
+        exact = exact and _bitwise_equal(rebuilt, new)
     whole = sum(p.stat().st_size for p in out.iterdir())
-    return Measured(whole, t1 - t0, t2 - t1, _bitwise_equal(rebuilt, new)), stats
+    return Measured(whole, encode_s, apply_s, exact), stats
 
 
 def load_codec(path: Path) -> ModuleType:
@@ -267,6 +274,7 @@ def run_benchmark(
     levels: Sequence[int] = (3,),
     level_cases: Sequence[Case] = (),
     before: ModuleType | None = None,
+    repeat: int = 1,
     work_dir: Path | None = None,
 ) -> list[Row]:
     """Run each case as a fresh session and return one row per (case, level)."""
@@ -290,7 +298,12 @@ def run_benchmark(
             save_file(base, str(base_file), metadata={"format": "pt"})
             h0_xor, h0_model = entropy_bounds(base, new)
             for level in (*levels, *(lv for lv in (1, 3, 9, 19) if case in level_cases and lv not in levels)):
-                ours, stats = _measure(this, base_file, new, tmp / "ours", level)
+                ours, stats = _measure(this, base_file, new, tmp / "ours", level=level, repeat=repeat)
+                old = (
+                    None
+                    if before is None
+                    else _measure(before, base_file, new, tmp / "before", level=level, repeat=repeat)[0]
+                )
                 rows.append(
                     Row(
                         model=spec.label,
@@ -302,12 +315,31 @@ def run_benchmark(
                         baseline_bytes=xor_zstd_baseline_size(base, new, level=level),
                         stats=stats,
                         ours=ours,
-                        before=None if before is None else _measure(before, base_file, new, tmp / "before", level)[0],
+                        before=old,
                         h0_xor_planes=h0_xor,
                         h0_ours=h0_model,
                     )
                 )
     return rows
+
+
+def metadata_reproduction(tensors: int = 300, shape: tuple[int, ...] = (128, 128)) -> str:
+    """Issue 16's reproduction without a server: bf16 tensors with every 97th element changed."""
+    gen = torch.Generator().manual_seed(97)
+    base = {f"model.layers.{i}.weight": torch.randn(shape, generator=gen).to(torch.bfloat16) for i in range(tensors)}
+    new = {k: v.clone() for k, v in base.items()}
+    for t in new.values():
+        t.reshape(-1)[::97] += 0.01
+    with tempfile.TemporaryDirectory(prefix="bench-delta-meta-") as tmp:
+        save_file(base, f"{tmp}/base.safetensors")
+        stats = write_delta(Path(tmp) / "base.safetensors", new, Path(tmp) / "delta")
+        header = (Path(tmp) / "delta" / "delta.json").stat().st_size
+    baseline = xor_zstd_baseline_size(base, new)
+    return (
+        f"{tensors} bf16 tensors of {'x'.join(map(str, shape))}, every 97th element changed: whole delta "
+        f"{stats.total_bytes:,} B (blobs {stats.compressed_bytes:,} B, index {stats.manifest_bytes - header:,} B, "
+        f"delta.json {header:,} B) against a baseline of {baseline:,} B ({stats.total_bytes / baseline:.2f})"
+    )
 
 
 def _size(n: float) -> str:
@@ -360,6 +392,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--levels", action="store_true", help="also the full lr 1e-5 1-step row at levels 1/3/9/19")
     parser.add_argument("--before", type=Path, help="another trainer_ckpt/delta.py to compare with in the same run")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="timed runs per codec and row, best kept (3; 1 --quick)"
+    )
     args = parser.parse_args(argv)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -381,6 +416,7 @@ def _run(args: argparse.Namespace) -> int:
         levels=(args.level,),
         level_cases=(Case(None, 1e-5, 1),) if args.levels else (),
         before=None if args.before is None else load_codec(args.before),
+        repeat=args.repeat or (1 if args.quick else 3),
     )
     r0 = rows[0]
     print(
@@ -392,9 +428,12 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print(
         f"ours = delta.bin (blobs and index) + delta.json; H0 = order-0 entropy bounds as BASE/bound; encodings = "
-        f"tensors stored as zero/xor/planes/sparse-diff/mask-diff/joined; torch threads {torch.get_num_threads()}; "
+        f"tensors stored as zero/xor/planes/sparse-diff/mask-diff/joined; MB/s: MB of weights per second, best of "
+        f"{args.repeat or (1 if args.quick else 3)} runs; torch threads {torch.get_num_threads()}; "
         f"total {time.perf_counter() - started:.0f} s."
     )
+    print()
+    print("Metadata (issue 16's reproduction): " + metadata_reproduction())
     bad = [r for r in rows if not r.ok]
     for r in bad:
         print(

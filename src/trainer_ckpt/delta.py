@@ -48,7 +48,8 @@ The index
     result is checked against ``new_sha256``.
 
 Encodings of one tensor's change (``n`` words of ``w`` bytes, ``c`` of them changed); the encoder
-computes the applicable candidates and keeps the smallest (ties go to the earlier one here):
+computes the candidates ``xor``, ``sparse-diff`` (when few words changed) and ``mask-diff`` and
+keeps the smallest (ties go to the earlier one here):
 
 ``zero``
     Nothing changed: nothing is stored, ``length == 0``.
@@ -57,6 +58,7 @@ computes the applicable candidates and keeps the smallest (ties go to the earlie
 ``planes``
     ``zstd(planes(base ^ new))`` where plane ``k`` holds byte ``k`` (little-endian order) of every
     word, in element order, and planes are concatenated ``0, 1, ..., w-1``. Only for ``w > 1``.
+    Read, but no longer chosen by the encoder (``mask-diff`` is smaller on trained weights).
 ``sparse-diff``
     ``zstd(planes(gaps) | values)``: ``gaps`` are the distances between the flat indices of the
     ``c`` changed words (``gap[0] = idx[0]``, ``gap[i] = idx[i] - idx[i-1] - 1``) as ``uint32``
@@ -648,9 +650,9 @@ def _encode_tensor(
         return "zero", b"", 0
     sparse = changed <= xor.size // 4
     mask_sections, sparse_sections = _diff_sections(base_w, new_w, xor, changed, sparse)
+    # "planes" (XOR byte planes) is still read but no longer tried: mask-diff beat it on every
+    # row of scripts/bench_delta.py, and it cost a whole extra compression pass per tensor.
     makers: list[tuple[Encoding, Callable[[], bytes]]] = [("xor", lambda: _compress(level, xor.view(np.uint8)))]
-    if itemsize > 1:
-        makers.append(("planes", lambda: _compress(level, _to_planes(xor))))
     if sparse_sections is not None:
         makers.append(("sparse-diff", lambda: _compress_sections(level, sparse_sections)))
     makers.append(("mask-diff", lambda: _compress_sections(level, mask_sections)))
