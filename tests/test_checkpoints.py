@@ -59,6 +59,7 @@ from trainer_client import (
 from trainer_proto import pb, pb_grpc
 from trainer_server import Limits, TrainerServer
 from trainer_server._checkpoints import MANIFEST, SAVE_PHASES
+from trainer_server.core.restarts import SESSIONS_DIR
 
 ADAM = AdamParams(learning_rate=1e-2)
 LORA_RANK = 4
@@ -66,9 +67,6 @@ SEED = 7
 ATOL = 1e-5
 MODES: dict[str, int | None] = {"full": None, "lora": LORA_RANK}
 """Session modes: name -> LoRA rank (None: full fine-tune)."""
-SESSIONS_DIR = ".sessions"
-"""The server's own bookkeeping of open sessions in the checkpoint root (docs/SESSIONS.md)."""
-
 READY = re.compile(r"trainer-server ready on (\S+)")
 
 

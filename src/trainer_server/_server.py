@@ -231,7 +231,7 @@ class TrainerServer:
             await self.stop(0)
             raise
         if self.config.restore_sessions:
-            await self.core.restore_saved_sessions()
+            await self.core.restarts.restore()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.core.models), self.address)
 
@@ -275,9 +275,9 @@ class TrainerServer:
         self._server = None
         if self.core is not None:
             if save_sessions and self.core.ready:
-                await self.core.save_open_sessions()
+                await self.core.restarts.save_open()
             else:
-                self.core.discard_open_sessions()
+                self.core.restarts.discard_open()
             await self.core.shutdown()
         log.info("stopped")
 
