@@ -1660,8 +1660,11 @@ class Worker:
     stderr: Any
 
     def result(self, timeout: float = 900) -> Any:
-        """Wait for the worker and return the JSON it printed."""
-        out, _ = self.proc.communicate(timeout=timeout)
+        """Wait for the worker and return the JSON it printed (killed when it takes longer than ``timeout``)."""
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        finally:  # a timeout, or an interrupt, must not leave the worker (and its server) running
+            self.stop()
         self.stderr.seek(0)
         err = self.stderr.read()
         self.stderr.close()
@@ -1669,6 +1672,12 @@ class Worker:
             raise RuntimeError(f"worker failed ({self.proc.returncode}):\n{err[-3000:]}")
         lines = [line for line in out.splitlines() if line.startswith("BENCH_RESULT ")]
         return json.loads(lines[-1].removeprefix("BENCH_RESULT "))
+
+    def stop(self) -> None:
+        """Kill the worker if it is still running."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run_worker(kind: str, payload: Mapping[str, Any], threads: int) -> Worker:
@@ -1757,7 +1766,11 @@ async def run(args: argparse.Namespace) -> Report:
                 workers[mode] = run_worker("memory", {**mem_payload, "modes": [mode]}, args.threads)
         if workers:
             log(f"started {len(workers)} memory worker process(es)")
-            results = {k: w.result() for k, w in workers.items()}
+            try:
+                results = {k: w.result() for k, w in workers.items()}
+            finally:  # one worker failed: the others are not left running
+                for w in workers.values():
+                    w.stop()
             if "lora" in results:
                 report_lora(results["lora"], lora_spec.name, "fresh server process", report)
             if "builtin" in results:

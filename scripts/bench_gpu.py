@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -133,13 +135,41 @@ def launch(
     threading.Thread(target=pump, daemon=True).start()
     ready.wait(600)
     if not address:
-        proc.kill()
+        stop(proc)
         raise SystemExit("the server did not start:\n" + "".join(lines[-40:]))
     return proc, address[0], lines
 
 
+def stop(proc: subprocess.Popen[str], grace_s: float = 120.0) -> None:
+    """Stop the launcher gracefully (it stops its ranks), then SIGKILL anything of it still running.
+
+    The ranks are listed before the launcher is stopped: once it is gone they are
+    reparented to init and nothing else would find them.
+    """
+    ranks = descendants(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> list[int]:
+    """The pids below ``root`` (Linux ``/proc``)."""
+    return list(_process_table(root))
+
+
 def server_processes(root: int) -> list[int]:
-    """The pids below ``root`` (the launcher) that run ``trainer_server`` (Linux ``/proc``)."""
+    """The pids below ``root`` (the launcher) that run ``trainer_server``."""
+    return [p for p, c in _process_table(root).items() if "trainer_server" in c and "launch" not in c]
+
+
+def _process_table(root: int) -> dict[int, str]:
+    """The command line of every process below ``root``, by pid."""
     parents: dict[int, int] = {}
     commands: dict[int, str] = {}
     for entry in Path("/proc").iterdir():
@@ -157,7 +187,7 @@ def server_processes(root: int) -> list[int]:
             pid = parents[pid]
         return pid == root
 
-    return [p for p, c in commands.items() if p != root and below(p) and "trainer_server" in c and "launch" not in c]
+    return {p: c for p, c in commands.items() if p != root and below(p)}
 
 
 def peak_rss_mib(pid: int) -> int:
@@ -207,6 +237,8 @@ def main() -> None:
     parser.add_argument("--cpu", action="store_true", help="CPU ranks (gloo, fp32): peak RSS instead of GPU memory")
     parser.add_argument("--models-dir", type=Path, default=ROOT / ".cache" / "bench-gpu-models")
     args = parser.parse_args()
+    # SIGTERM (a test's or a scheduler's stop) unwinds through the ``finally`` that stops the servers
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if not torch.cuda.is_available() and not args.cpu:
         print("bench_gpu: no CUDA GPU on this machine; nothing to measure (skipped).")
         return
@@ -236,11 +268,7 @@ def main() -> None:
             if args.cpu:
                 memory.peak = {pid: peak_rss_mib(pid) for pid in server_processes(proc.pid)}
         finally:
-            proc.terminate()
-            try:
-                proc.wait(120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
         step = statistics.median(times)
         peak = max(memory.peak.values(), default=0)
         rows.append((n, info, num_tokens, step, num_tokens / step, peak))

@@ -280,7 +280,7 @@ CLIENT_CASES: dict[str, tuple[BadCall, type[APIStatusError], str]] = {
     "negative_learning_rate": (
         lambda tc: tc.optim_step(AdamParams(learning_rate=-1e-3)),
         InvalidArgumentError,
-        "adam_params.learning_rate must be >= 0",
+        "adam_params.learning_rate must be in [0, 10], got -0.001",
     ),
     "nan_learning_rate": (
         lambda tc: tc.optim_step(AdamParams(learning_rate=float("nan"))),
@@ -305,7 +305,32 @@ CLIENT_CASES: dict[str, tuple[BadCall, type[APIStatusError], str]] = {
     "eps_zero": (
         lambda tc: tc.optim_step(AdamParams(eps=0.0)),
         InvalidArgumentError,
-        "adam_params.eps must be > 0",
+        "adam_params.eps must be in [1e-30, 1], got 0",
+    ),
+    "huge_learning_rate": (
+        lambda tc: tc.optim_step(AdamParams(learning_rate=1e30)),
+        InvalidArgumentError,
+        "adam_params.learning_rate must be in [0, 10], got 1e+30",
+    ),
+    "float_max_learning_rate": (
+        lambda tc: tc.optim_step(AdamParams(learning_rate=1e38)),
+        InvalidArgumentError,
+        "adam_params.learning_rate must be in [0, 10], got 1e+38",
+    ),
+    "denormal_eps": (
+        lambda tc: tc.optim_step(AdamParams(eps=1e-45)),
+        InvalidArgumentError,
+        "adam_params.eps must be in [1e-30, 1], got 1e-45",
+    ),
+    "eps_over_one": (
+        lambda tc: tc.optim_step(AdamParams(eps=2.0)),
+        InvalidArgumentError,
+        "adam_params.eps must be in [1e-30, 1], got 2",
+    ),
+    "decay_flips_weights": (
+        lambda tc: tc.optim_step(AdamParams(learning_rate=1.0, weight_decay=3.0)),
+        InvalidArgumentError,
+        "adam_params.learning_rate * weight_decay must be <= 1",
     ),
     "negative_weight_decay": (
         lambda tc: tc.optim_step(AdamParams(weight_decay=-0.01)),
@@ -347,6 +372,11 @@ CLIENT_GROUPS = {
         "beta1_one",
         "beta2_negative",
         "eps_zero",
+        "huge_learning_rate",
+        "float_max_learning_rate",
+        "denormal_eps",
+        "eps_over_one",
+        "decay_flips_weights",
         "negative_weight_decay",
         "negative_grad_clip",
     ],

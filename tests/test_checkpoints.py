@@ -59,6 +59,7 @@ from trainer_client import (
 from trainer_proto import pb, pb_grpc
 from trainer_server import Limits, TrainerServer
 from trainer_server._checkpoints import MANIFEST, SAVE_PHASES
+from trainer_server.core.restarts import SESSIONS_DIR
 
 ADAM = AdamParams(learning_rate=1e-2)
 LORA_RANK = 4
@@ -309,7 +310,7 @@ async def test_adapter_loads_with_peft_and_matches_server_forward(
         with pytest.raises(FailedPreconditionError, match="LoRA"):
             await full.save_checkpoint("adapter-of-full", "adapter")
         assert "adapter-of-full" not in {c.name for c in await service.list_checkpoints()}
-        assert sorted(p.name for p in root.iterdir()) == ["adapter"]
+        assert sorted(p.name for p in root.iterdir() if p.name != SESSIONS_DIR) == ["adapter"]
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama_dir), dl)
     assert_logprobs_close(hf_logprobs(model, batches[2]), expected, "peft on ADAPTER vs server forward")
@@ -468,7 +469,7 @@ async def test_invalid_names_are_rejected_everywhere_and_nothing_escapes_the_roo
             await service.delete_checkpoint("ok")
 
     assert sorted(p.name for p in outer.iterdir()) == ["ckpt"], "nothing is created next to the checkpoint root"
-    assert list(root.iterdir()) == []
+    assert [p for p in root.iterdir() if p.name != SESSIONS_DIR] == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outer"], "nothing is created outside the root"
 
 
@@ -749,4 +750,4 @@ async def test_crash_at_each_save_phase_leaves_only_complete_checkpoints(
         if committed:
             new = listed[f"new-{phase}"]
             assert (new.kind, new.step) == ("state", 5)
-    assert sorted(p.name for p in run.directory.iterdir()) == sorted(listed)
+    assert sorted(p.name for p in run.directory.iterdir() if p.name != SESSIONS_DIR) == sorted(listed)

@@ -21,7 +21,12 @@ async def run_cli(*args: str) -> tuple[int, str, str]:
         sys.executable, "-m", "trainer_client", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), 120)
+    finally:  # a timeout must not leave the CLI running
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
     assert proc.returncode is not None
     return proc.returncode, out.decode(), err.decode()
 
@@ -81,3 +86,28 @@ async def test_cli_names_the_address_when_no_server_listens() -> None:
     assert f"no trainer-server at 127.0.0.1:{port} (is it running?)" in err
     code, _, err = await run_cli("--server", "ftp://127.0.0.1:1", "info")
     assert code == 1 and "expected HOST, HOST:PORT" in err
+
+
+async def test_cli_lists_and_closes_sessions_of_its_key(llama_dir: Path, qwen_dir: Path) -> None:
+    config = make_config(llama_dir, qwen_dir, api_keys=frozenset({"key-a", "key-b"}))
+    async with TrainerServer(config) as server, AsyncServiceClient(server.address, api_key="key-a") as service:
+        tc = await service.create_training_client(LLAMA, lora_rank=4)
+        await tc.forward_backward([Datum.from_tokens([5, 6, 7], [8, 9])])
+
+        code, out, _ = await run_cli("--server", server.address, "--api-key", "key-a", "sessions")
+        header, row = out.splitlines()
+        assert code == 0 and header.split()[:4] == ["SESSION", "MODEL", "MODE", "STEP"]
+        assert row.split()[:5] == [tc.session_id, LLAMA, "lora", "r4", "0"]
+
+        code, out, _ = await run_cli("--server", server.address, "--api-key", "key-b", "sessions")
+        assert code == 0 and out == "no open sessions\n"  # another key's sessions are not shown
+        code, _, err = await run_cli(
+            "--server", server.address, "--api-key", "key-b", "sessions", "close", tc.session_id
+        )
+        assert code == 1 and "NOT_FOUND" in err
+
+        code, out, _ = await run_cli(
+            "--server", server.address, "--api-key", "key-a", "sessions", "close", tc.session_id
+        )
+        assert code == 0 and f"closed {tc.session_id}" in out
+        assert await service.list_sessions() == []

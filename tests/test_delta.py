@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from trainer_ckpt import (
     DELTA_JSON,
     DeltaError,
     apply_delta,
+    apply_delta_inplace,
     apply_delta_to_dir,
     decode_delta,
     encode_delta,
@@ -31,6 +33,7 @@ from trainer_ckpt import (
     write_delta,
     xor_zstd_baseline_size,
 )
+from trainer_ckpt import delta as d
 from trainer_ckpt.__main__ import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,52 +140,98 @@ def test_roundtrip_after_training_is_bitwise_and_beats_baseline(
         rebuilt = apply_delta(base_file, delta_dir)
         assert_bitwise_equal(rebuilt, new)
 
-        assert stats.compressed_bytes == (delta_dir / DELTA_BIN).stat().st_size
-        assert stats.manifest_bytes == (delta_dir / DELTA_JSON).stat().st_size
+        whole = sum(p.stat().st_size for p in delta_dir.iterdir())
+        assert sorted(p.name for p in delta_dir.iterdir()) == [DELTA_BIN, DELTA_JSON]
+        assert stats.total_bytes == whole
+        assert stats.compressed_bytes + stats.manifest_bytes == whole
         assert stats.raw_bytes == sum(t.numel() * t.element_size() for t in new.values())
         assert stats.tensors == len(new) and sum(stats.encodings.values()) == len(new)
-        assert stats.ratio == pytest.approx(stats.raw_bytes / stats.compressed_bytes)
+        assert stats.ratio == pytest.approx(stats.raw_bytes / whole)
         assert stats.compressed_bytes <= xor_zstd_baseline_size(base, new, per_tensor=True)
-        assert stats.compressed_bytes <= xor_zstd_baseline_size(base, new)
+        assert whole <= xor_zstd_baseline_size(base, new), "the whole directory, metadata included"
 
-        # Tensors the optimizer cannot move in bf16 within the step are stored as "zero".
+        # Tensors the optimizer cannot move in bf16 within the step store nothing ("zero", or
+        # "joined" to the small tensors before them); changed tensors store something.
         header, entries = read_manifest(delta_dir)
         for e in entries:
             unchanged = torch.equal(bits(base[e.name]), bits(new[e.name]))
-            assert (e.encoding == "zero") == unchanged, e.name
-            assert e.sha256 == hashlib.sha256(new[e.name].reshape(-1).view(torch.uint8).numpy().data).hexdigest()
-        assert header["base_sha256"] == hashlib.sha256(base_file.read_bytes()).hexdigest()
+            if e.encoding == "zero" or not unchanged:
+                assert (e.encoding == "zero") == unchanged, e.name
+            assert e.changed == int((bits(base[e.name]) != bits(new[e.name])).sum())
+            assert e.sha256 is None  # version 2: one digest of the whole result
+        assert header["version"] == 2 and "base_sha256" not in header
+        assert header["manifest_bytes"] == stats.manifest_bytes
         assert header["new_sha256"] == weights_sha256(new)
         assert header["base_weights_sha256"] == weights_sha256(base)
 
         # The in-memory codec makes the same bytes.
         blob = encode_delta(base, new)
-        assert blob.data == (delta_dir / DELTA_BIN).read_bytes()
-        assert [e.to_json() for e in blob.tensors] == [e.to_json() for e in entries]
+        assert blob.data == (delta_dir / DELTA_BIN).read_bytes()[: header["blobs_size"]]
+        assert blob.tensors == entries
         assert_bitwise_equal(decode_delta(base, blob), new)
 
 
 def test_encoding_choice_and_ordering() -> None:
     gen = torch.Generator().manual_seed(3)
+    n = 40_000  # over 64 KiB in either dtype: coded alone, never joined to a neighbour
     base = {
-        "dense32": torch.randn(4096, generator=gen),
-        "sparse16": torch.randn(4096, generator=gen).to(torch.bfloat16),
+        "dense32": torch.randn(n, generator=gen),
+        "sparse16": torch.randn(n, generator=gen).to(torch.bfloat16),
         "same": torch.randn(100, generator=gen),
         "z_empty": torch.empty(0, 5),
         "scalar": torch.tensor(1.5),
     }
     new = {k: v.clone() for k, v in base.items()}
-    new["dense32"] = base["dense32"] * (1 + 1e-5 * torch.randn(4096, generator=gen))
-    new["sparse16"][torch.randperm(4096, generator=gen)[:20]] += 1.0
+    new["dense32"] = base["dense32"] * (1 + 1e-5 * torch.randn(n, generator=gen))
+    new["sparse16"][torch.randperm(n, generator=gen)[:20]] += 1.0
     new["scalar"] = torch.tensor(-1.5)
     blob = encode_delta(base, new, level=1)
     enc = {e.name: e.encoding for e in blob.tensors}
-    assert enc == {"dense32": "planes", "sparse16": "sparse", "same": "zero", "z_empty": "zero", "scalar": "xor"}
+    assert enc == {
+        "dense32": "mask-diff",
+        "sparse16": "sparse-diff",
+        "same": "zero",
+        "z_empty": "zero",
+        "scalar": "xor",
+    }
     assert [e.name for e in blob.tensors] == sorted(base)
     changed = {e.name: e.changed for e in blob.tensors}
     assert changed["sparse16"] == 20 and changed["same"] == 0 and changed["scalar"] == 1
     assert_bitwise_equal(decode_delta(base, blob), new)
-    assert blob.stats.encodings == {"zero": 2, "xor": 1, "planes": 1, "sparse": 1}
+    assert blob.stats.encodings == {"zero": 2, "xor": 1, "planes": 0, "sparse-diff": 1, "mask-diff": 1, "joined": 0}
+
+
+def test_small_tensors_are_joined_when_that_is_smaller(tmp_path: Path) -> None:
+    """Hundreds of tiny tensors share blobs (runs of at most 1 MiB of one word width).
+
+    A tensor of another word width ends a run: models that alternate dtypes tensor by tensor
+    (F32 norms between BF16 weights) gain less from joining.
+    """
+    gen = torch.Generator().manual_seed(4)
+    base = {f"layer.{i:04d}.norm": torch.randn(64, generator=gen).to(torch.bfloat16) for i in range(1500)}
+    base |= {f"layer.{i:04d}.scale": torch.randn(3, generator=gen) for i in range(0, 1500, 100)}  # F32 ends runs
+    base["w.big"] = torch.randn(300, 300, generator=gen).to(torch.bfloat16)  # 176 KiB: alone
+    new = {k: v.clone() for k, v in base.items()}
+    for name, t in new.items():
+        if not name.endswith("1.norm"):  # some tensors stay unchanged inside runs
+            t.reshape(-1)[::17] += 0.01
+    save_file(base, str(tmp_path / "base.safetensors"))
+    stats = write_delta(tmp_path / "base.safetensors", new, tmp_path / "d")
+    _, entries = read_manifest(tmp_path / "d")
+    units: list[list[Any]] = []
+    for e in entries:
+        if e.encoding == "joined":
+            assert units and e.length == 0 and e.itemsize == units[-1][0].itemsize
+            units[-1].append(e)
+        else:
+            units.append([e])
+    assert len(units) < len(entries) / 3
+    assert max(sum(e.raw_bytes for e in u) for u in units) <= 1 << 20
+    assert next(e for e in entries if e.name == "w.big").encoding not in ("joined", "zero")
+    assert_bitwise_equal(apply_delta(tmp_path / "base.safetensors", tmp_path / "d"), new)
+    assert_bitwise_equal(decode_delta(base, encode_delta(base, new)), new)
+    assert stats.total_bytes < 0.8 * xor_zstd_baseline_size(base, new)
+    assert stats.compressed_bytes <= xor_zstd_baseline_size(base, new, per_tensor=True)
 
 
 def test_identical_weights_give_an_empty_delta(tmp_path: Path) -> None:
@@ -190,7 +239,8 @@ def test_identical_weights_give_an_empty_delta(tmp_path: Path) -> None:
     save_file(base, str(tmp_path / "base.safetensors"))
     stats = write_delta(tmp_path / "base.safetensors", base, tmp_path / "d")
     assert stats.compressed_bytes == 0 and stats.encodings["zero"] == len(base)
-    assert (tmp_path / "d" / DELTA_BIN).stat().st_size == 0
+    header, _ = read_manifest(tmp_path / "d")
+    assert header["blobs_size"] == 0 and (tmp_path / "d" / DELTA_BIN).stat().st_size == header["index_size"]
     assert_bitwise_equal(apply_delta(tmp_path / "base.safetensors", tmp_path / "d"), base)
 
 
@@ -246,43 +296,53 @@ def test_large_tensors_encode_concurrently_with_identical_bytes(monkeypatch: pyt
     monkeypatch.setattr(delta_module, "_PARALLEL_MIN_BYTES", 1 << 62)
     serial = encode_delta(base, new)
     assert parallel == serial
-    assert {e.name: e.encoding for e in parallel.tensors} == {"big": "planes", "big16": "sparse"}
+    assert {e.name: e.encoding for e in parallel.tensors} == {"big": "mask-diff", "big16": "sparse-diff"}
     assert_bitwise_equal(decode_delta(base, parallel), new)
 
 
 @pytest.mark.parametrize("dense", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.uint8, torch.bool]
+)
 def test_every_encoding_decodes_whatever_the_encoder_would_pick(dtype: torch.dtype, dense: bool) -> None:
     """Force each encoding onto the same change and decode it (including sparse of a fully dense change)."""
     import numpy as np
 
     from trainer_ckpt import DeltaBlob, TensorDelta
-    from trainer_ckpt import delta as d
 
     gen = torch.Generator().manual_seed(7)
-    base_t = (torch.rand(3, 1000, generator=gen) * 200).to(dtype)
+    base_t = (torch.rand(3, 1001, generator=gen) * 200).to(dtype)  # 3003 words: the mask ends mid-byte
     new_t = base_t.clone()
     flat = bits(new_t)
     step = 1 if dense else 37
-    flat[::step] ^= 1  # flips the lowest bit: every (or every 37th) word changes
+    if dtype == torch.bool:
+        new_t.reshape(-1)[::step] = ~base_t.reshape(-1)[::step]
+    else:
+        flat[::step] ^= 1  # flips the lowest bit: every (or every 37th) word changes
+        flat[1] ^= -1  # and one word changes in every bit: differences of every size
     base, new = {"t": base_t}, {"t": new_t}
     width = base_t.element_size()
-    xor = np.bitwise_xor(bits(base_t).numpy().view(d._WORD[width]), flat.numpy().view(d._WORD[width]))
+    word = d._WORD[width]
+    base_w, new_w = bits(base_t).numpy().view(word), bits(new_t).numpy().view(word)
+    xor = np.bitwise_xor(base_w, new_w)
     changed = int(np.count_nonzero(xor))
     assert (changed == xor.size) == dense
+    mask_sections, sparse_sections = d._diff_sections(base_w, new_w, xor, changed, True)
+    assert sparse_sections is not None
     payloads = {
         "xor": d._compress(3, xor.view(np.uint8)),
         "planes": d._compress(3, d._to_planes(xor)),
-        "sparse": d._compress(3, d._sparse_payload(xor, changed)),
+        "sparse-diff": d._compress_sections(3, sparse_sections),
+        "mask-diff": d._compress_sections(3, mask_sections),
     }
-    if dense:  # the shortcut for a fully dense change equals the general construction
-        gaps = np.zeros(xor.size, np.uint32)
-        assert np.array_equal(d._sparse_payload(xor, changed)[: gaps.nbytes], gaps.view(np.uint8))
-    sha = hashlib.sha256(flat.numpy().data).hexdigest()
+    diff = (new_w - base_w)[xor != 0]
+    entry = TensorDelta("t", d._CODE_OF_TORCH[dtype], (3, 1001), "mask-diff", 0, 0, changed)  # type: ignore[arg-type]
+    sections = np.concatenate(d._value_sections(diff))
+    assert np.array_equal(d._values_from_sections(sections, changed, width, entry), diff)
     for encoding, payload in payloads.items():
         if encoding == "planes" and width == 1:
             continue
-        entry = TensorDelta("t", d._CODE_OF_TORCH[dtype], (3, 1000), encoding, 0, len(payload), changed, sha)  # type: ignore[arg-type]
+        entry = TensorDelta("t", d._CODE_OF_TORCH[dtype], (3, 1001), encoding, 0, len(payload), changed)  # type: ignore[arg-type]
         blob = DeltaBlob((entry,), payload, weights_sha256(base), weights_sha256(new), 3)
         assert_bitwise_equal(decode_delta(base, blob), new)
 
@@ -343,11 +403,15 @@ def test_wrong_base_rejected(pair: tuple[Path, dict[str, torch.Tensor], Path], t
     other[name].reshape(-1)[0] += 1
     other_file = tmp_path / "other.safetensors"
     save_file(other, str(other_file), metadata={"format": "pt"})
-    want = hashlib.sha256(base_file.read_bytes()).hexdigest()
-    got = hashlib.sha256(other_file.read_bytes()).hexdigest()
+    want, got = weights_sha256(load_file(str(base_file))), weights_sha256(other)
     with pytest.raises(DeltaError) as info:
         apply_delta(other_file, delta_dir)
-    assert str(info.value) == f"delta was made against base sha256 {want}, but this base is {got}"
+    assert str(info.value) == f"delta was made against base weights sha256 {want}, but {other_file} holds weights {got}"
+    # The same weights saved in another tensor order and with other metadata are the same base.
+    reordered = tmp_path / "reordered.safetensors"
+    save_file(dict(reversed(load_file(str(base_file)).items())), str(reordered), metadata={"x": "y"})
+    assert reordered.read_bytes() != base_file.read_bytes()
+    assert_bitwise_equal(apply_delta(reordered, delta_dir), pair[1])
     # In memory, the base is identified by its canonical weights hash.
     blob = encode_delta(load_file(str(base_file)), pair[1])
     with pytest.raises(DeltaError, match="delta was made against base weights sha256"):
@@ -363,23 +427,46 @@ def _apply_must_fail(base_file: Path, delta_dir: Path) -> str:
 
 
 def test_flipped_bytes_in_delta_bin_rejected(pair: tuple[Path, dict[str, torch.Tensor], Path]) -> None:
-    base_file, _, delta_dir = pair
+    """Any flipped bit fails delta.bin's sha256; with a matching digest, the blob's own checks or the result's hash."""
+    base_file, new, delta_dir = pair
     good = (delta_dir / DELTA_BIN).read_bytes()
-    _, entries = read_manifest(delta_dir)
+    header, entries = read_manifest(delta_dir)
     stored = [e for e in entries if e.length]
-    # Frame header (magic, descriptor, content size), the middle, and the checksum at the end.
+    blobs_size = header["blobs_size"]
+    # Frame header (magic, descriptor, content size), the middle, and the checksum at the end;
+    # the same in the index after the blobs.
     positions = {e.offset + k for e in stored for k in (0, 4, 5, e.length // 2, e.length - 1)}
+    positions |= {blobs_size + k for k in (0, 4, 5, header["index_size"] // 2, header["index_size"] - 1)}
     gen = torch.Generator().manual_seed(0)
     positions |= {int(i) for i in torch.randint(0, len(good), (20,), generator=gen)}
+    head = json.loads((delta_dir / DELTA_JSON).read_text())
+    equivalent = 0
     for i, pos in enumerate(sorted(positions)):
         for mask in (0x01, 0x80) if i % 4 == 0 else (1 << (i % 8),):
             bad = bytearray(good)
             bad[pos] ^= mask
             (delta_dir / DELTA_BIN).write_bytes(bytes(bad))
-            owner = next(e for e in stored if e.offset <= pos < e.offset + e.length)
-            message = _apply_must_fail(base_file, delta_dir)
-            assert f"tensor {owner.name!r}" in message, (pos, message)
+            (delta_dir / DELTA_JSON).write_text(json.dumps(head))
+            assert "delta.bin is corrupt: its sha256 is" in _apply_must_fail(base_file, delta_dir)
+            # A writer that hashed the corrupt bytes: the frames' checks, then the result's hash.
+            (delta_dir / DELTA_JSON).write_text(
+                json.dumps({**head, "delta_bin_sha256": hashlib.sha256(bad).hexdigest()})
+            )
+            try:
+                rebuilt = apply_delta(base_file, delta_dir)
+            except DeltaError as exc:
+                message = str(exc)
+                if pos >= blobs_size:
+                    assert "the index of" in message and "is corrupt" in message, (pos, message)
+                else:
+                    owner = next(e for e in stored if e.offset <= pos < e.offset + e.length)
+                    assert f"tensor {owner.name!r}" in message or "new_sha256" in message, (pos, message)
+            else:  # a bit zstd never reads (padding, an unused table entry): the same content
+                assert_bitwise_equal(rebuilt, new)
+                equivalent += 1
+    assert equivalent < len(positions) / 4
     (delta_dir / DELTA_BIN).write_bytes(good)
+    (delta_dir / DELTA_JSON).write_text(json.dumps(head))
     apply_delta(base_file, delta_dir)
 
 
@@ -396,68 +483,126 @@ def test_truncated_or_extended_delta_bin_rejected(pair: tuple[Path, dict[str, to
     assert "delta.bin is missing" in _apply_must_fail(base_file, delta_dir)
 
 
+def _read_parts(delta_dir: Path) -> tuple[dict[str, Any], bytes, dict[str, Any]]:
+    """(header, blobs, index columns) of a version 2 delta, read by hand."""
+    header = json.loads((delta_dir / DELTA_JSON).read_text())
+    data = (delta_dir / DELTA_BIN).read_bytes()
+    blobs = data[: header["blobs_size"]]
+    columns = json.loads(zstandard.ZstdDecompressor().decompress(data[header["blobs_size"] :]))
+    columns["names"] = d._front_decode(columns.pop("name_prefix"), columns.pop("name_suffix"), "index")
+    return header, blobs, columns
+
+
+def _write_parts(
+    delta_dir: Path, header: dict[str, Any], blobs: bytes, columns: dict[str, Any], *, index_size: int | None = None
+) -> None:
+    """Write a version 2 delta by hand, the header's sizes made consistent (or ``index_size`` forced)."""
+    if isinstance(columns.get("names"), list):
+        prefix, suffix = d._front_code(columns["names"])
+        columns = {k: v for k, v in columns.items() if k != "names"} | {"name_prefix": prefix, "name_suffix": suffix}
+    index = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(json.dumps(columns).encode())
+    (delta_dir / DELTA_BIN).write_bytes(blobs + index)
+    size = len(index) if index_size is None else index_size
+    header = {**header, "delta_bin_sha256": hashlib.sha256(blobs + index).hexdigest()}
+    (delta_dir / DELTA_JSON).write_text(
+        json.dumps({**header, "blobs_size": len(blobs) - size + len(index), "index_size": size})
+    )
+
+
 def test_blob_decoding_errors_are_delta_errors(pair: tuple[Path, dict[str, torch.Tensor], Path]) -> None:
     """A blob replaced by a valid zstd frame of the wrong content fails its checks, not zstd's."""
     base_file, _, delta_dir = pair
-    manifest = json.loads((delta_dir / DELTA_JSON).read_text())
-    good = (delta_dir / DELTA_BIN).read_bytes()
-    entry = next(e for e in manifest["tensors"] if e["length"])
-    raw_len = len(zstandard.ZstdDecompressor().decompress(good[entry["offset"] : entry["offset"] + entry["length"]]))
+    header, blobs, columns = _read_parts(delta_dir)
+    i = next(i for i, n in enumerate(columns["lengths"]) if n)
+    name, offset, length = columns["names"][i], sum(columns["lengths"][:i]), columns["lengths"][i]
+    raw_len = len(zstandard.ZstdDecompressor().decompress(blobs[offset : offset + length]))
     cases = {
-        "frame holds": zstandard.ZstdCompressor(level=3).compress(b"\0" * (raw_len + 1)),
+        "frame holds": zstandard.ZstdCompressor(level=3).compress(b"\0" * (4 * raw_len + 64)),  # more than any coding
         "its changed count": zstandard.ZstdCompressor(level=3, write_checksum=True).compress(b"\1" * raw_len),
         "not a zstd frame": b"\0" * 32,
     }
     for expected, blob in cases.items():
-        m = json.loads(json.dumps(manifest))
-        shift = len(blob) - entry["length"]
-        for e in m["tensors"]:
-            if e["offset"] > entry["offset"]:
-                e["offset"] += shift
-            elif e is not None and e["name"] == entry["name"]:
-                e["length"] = len(blob)
-        m["delta_bin_size"] += shift
-        (delta_dir / DELTA_JSON).write_text(json.dumps(m))
-        start, end = entry["offset"], entry["offset"] + entry["length"]
-        (delta_dir / DELTA_BIN).write_bytes(good[:start] + blob + good[end:])
+        lengths = list(columns["lengths"])
+        lengths[i] = len(blob)
+        _write_parts(
+            delta_dir, header, blobs[:offset] + blob + blobs[offset + length :], columns | {"lengths": lengths}
+        )
         message = _apply_must_fail(base_file, delta_dir)
-        assert expected in message and repr(entry["name"]) in message, message
+        assert expected in message and repr(name) in message, message
+    _write_parts(delta_dir, header, blobs, columns)
+    apply_delta(base_file, delta_dir)
 
 
-def test_corrupt_manifest_rejected(pair: tuple[Path, dict[str, torch.Tensor], Path]) -> None:
+def test_corrupt_header_and_index_rejected(pair: tuple[Path, dict[str, torch.Tensor], Path]) -> None:
     base_file, _, delta_dir = pair
-    path = delta_dir / DELTA_JSON
-    good = json.loads(path.read_text())
+    header, blobs, columns = _read_parts(delta_dir)
 
-    def edit(**changes: object) -> str:
-        m = json.loads(json.dumps(good))
-        m.update(changes)
-        path.write_text(json.dumps(m))
+    def edit(head: dict[str, Any] | None = None, /, **changes: Any) -> str:
+        _write_parts(delta_dir, {**header, **(head or {})}, blobs, {**columns, **changes})
         return _apply_must_fail(base_file, delta_dir)
 
-    tensors = good["tensors"]
-    stored = next(i for i, e in enumerate(tensors) if e["length"])
-    flipped = [dict(e) for e in tensors]
-    flipped[stored]["sha256"] = "0" * 64
-    assert f"tensor {tensors[stored]['name']!r} does not match its checksum" in edit(tensors=flipped)
-    for i, e in enumerate(tensors):
-        if e["length"]:
-            miscounted = [dict(t) for t in tensors]
-            miscounted[i]["changed"] -= 1
-            message = edit(tensors=miscounted)
-            assert "corrupt" in message and f"tensor {e['name']!r}" in message, message
-    shifted = [dict(e) for e in tensors]
-    shifted[stored]["offset"] += 1
-    assert "does not start where the previous blob ends" in edit(tensors=shifted)
-    assert "new_sha256" in edit(new_sha256="1" * 64)
-    assert "format version 2" in edit(version=2)
-    assert "unknown encoding 'lz4'" in edit(tensors=[{**tensors[0], "encoding": "lz4"}, *tensors[1:]])
-    assert "not sorted" in edit(tensors=list(reversed(tensors)))
-    assert "base_sha256 is not a sha256" in edit(base_sha256="abc")
-    path.write_text("{not json")
+    stored = next(i for i, n in enumerate(columns["lengths"]) if n)
+    name = columns["names"][stored]
+    for i, n in enumerate(columns["lengths"]):
+        if n:
+            miscounted = list(columns["changed"])
+            miscounted[i] -= 1
+            message = edit(changed=miscounted)
+            assert "corrupt" in message and f"tensor {columns['names'][i]!r}" in message, message
+    shifted = list(columns["lengths"])
+    shifted[stored] += 1
+    assert "describes" in edit(lengths=shifted)
+    assert "new_sha256" in edit({"new_sha256": "1" * 64})
+    assert "was made against base weights sha256" in edit({"base_weights_sha256": "2" * 64})
+    assert "format version 3; this reader supports versions 1, 2" in edit({"version": 3})
+    assert "unknown encoding 'lz4'" in edit(encodings=["lz4", *columns["encodings"][1:]])
+    assert "not sorted" in edit(**{k: list(reversed(v)) for k, v in columns.items()})
+    assert "differ in length" in edit(names=columns["names"][:-1])
+    prefix, suffix = d._front_code(columns["names"])
+    prefix[1] = 10**6
+    bad_names = {k: v for k, v in columns.items() if k != "names"} | {"name_prefix": prefix, "name_suffix": suffix}
+    _write_parts(delta_dir, header, blobs, bad_names)
+    assert "the name of tensor 1 is malformed" in _apply_must_fail(base_file, delta_dir)
+    assert "lacks the lists" in edit(shapes=None)
+    assert "base_weights_sha256 is not a sha256" in edit({"base_weights_sha256": "abc"})
+    other_shape = [list(s) for s in columns["shapes"]]
+    other_shape[stored] = [*other_shape[stored], 1]
+    assert "lists other tensors than the base file" in edit(shapes=other_shape)
+    dims = [list(s) for s in columns["shapes"]]
+    dims[stored] = [-1]
+    assert f"a dimension of tensor {name!r} is not a non-negative integer" in edit(shapes=dims)
+    _write_parts(delta_dir, header, blobs, columns, index_size=3)
     assert "is corrupt" in _apply_must_fail(base_file, delta_dir)
-    path.unlink()
+    (delta_dir / DELTA_JSON).write_text("{not json")
+    assert "is corrupt" in _apply_must_fail(base_file, delta_dir)
+    (delta_dir / DELTA_JSON).unlink()
     assert "delta.json is missing" in _apply_must_fail(base_file, delta_dir)
+
+
+def test_version_1_deltas_still_apply(tmp_path: Path) -> None:
+    """A delta written by the version 1 writer (checked in) applies, with its own checks."""
+    data = REPO / "tests" / "data" / "delta_v1"
+    want = load_file(str(data / "new.safetensors"))
+    header, entries = read_manifest(data / "delta")
+    assert header["version"] == 1 and "base_sha256" in header
+    assert {e.encoding for e in entries} == {"zero", "xor", "planes", "sparse"}
+    assert all(e.sha256 is not None for e in entries)
+    assert_bitwise_equal(apply_delta(data / "base.safetensors", data / "delta"), want)
+    inplace = load_file(str(data / "base.safetensors"))
+    apply_delta_inplace(inplace, data / "delta")
+    assert_bitwise_equal(inplace, want)
+    # Its per-tensor sha256 still catches a lying manifest.
+    shutil.copytree(data / "delta", tmp_path / "d")
+    manifest = json.loads((tmp_path / "d" / DELTA_JSON).read_text())
+    target = next(t for t in manifest["tensors"] if t["encoding"] == "sparse")
+    target["sha256"] = "0" * 64
+    (tmp_path / "d" / DELTA_JSON).write_text(json.dumps(manifest))
+    assert f"tensor {target['name']!r} does not match its checksum" in _apply_must_fail(
+        data / "base.safetensors", tmp_path / "d"
+    )
+    other = tmp_path / "other.safetensors"
+    save_file({k: v.clone() for k, v in want.items()}, str(other))
+    assert "delta was made against base sha256" in _apply_must_fail(other, data / "delta")
 
 
 # --------------------------------------------------------------------------------------------
@@ -521,7 +666,7 @@ def test_cli_apply_inspect_make(
     assert cli_main(["inspect", str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "model.embed_tokens.weight" in out and "total:" in out
-    assert any(enc in out for enc in ("planes", "sparse"))
+    assert any(enc in out for enc in ("mask-diff", "sparse-diff"))
 
     assert cli_main(["apply-delta", str(base_dir), str(tmp_path / "d"), str(tmp_path / "out")]) == 0
     assert f"wrote {tmp_path / 'out'}" in capsys.readouterr().out
@@ -530,7 +675,7 @@ def test_cli_apply_inspect_make(
     # Errors: exit status 2 and "error: ..." on stderr.
     assert cli_main(["apply-delta", str(new_dir), str(tmp_path / "d"), str(tmp_path / "out3")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: delta was made against base sha256 ")
+    assert err.startswith("error: delta was made against base weights sha256 ")
     assert cli_main(["apply-delta", str(base_dir), str(tmp_path / "d"), str(tmp_path / "out")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli_main(["inspect", str(tmp_path / "nowhere")]) == 2
@@ -578,8 +723,12 @@ def test_bench_quick(capsys: pytest.CaptureFixture[str]) -> None:
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
-    assert len(rows) >= 8
-    ours, baseline, ok = header.index("ours (delta.bin)"), header.index("XOR+zstd"), header.index("ok")
+    assert len(rows) == 4
+    ours, baseline, ok = header.index("ours (whole delta)"), header.index("XOR+zstd"), header.index("ok")
+    meta, base = header.index("of it metadata"), header.index("BASE")
     for row in rows:
         assert row[ok] == "yes", row
         assert _parse_size(row[ours]) <= _parse_size(row[baseline]), row
+        assert 0 < _parse_size(row[meta]) < _parse_size(row[ours]), row
+        ratio = float(row[header.index("base/ours")].strip("*x"))
+        assert ratio == pytest.approx(_parse_size(row[base]) / _parse_size(row[ours]), rel=0.02), row

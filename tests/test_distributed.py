@@ -17,6 +17,7 @@ ends in a client error within the deadline and a launcher that exits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -36,6 +37,7 @@ from typing import Any
 import grpc
 import pytest
 import torch
+from conftest import process_tree, stop_processes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load_file
 
@@ -80,6 +82,8 @@ class Launched:
     checkpoint_dir: Path
     fsdp: bool = False
     lines: list[str] = field(default_factory=list)
+    tree: list[Any] = field(default_factory=list)
+    """The launcher and its ranks (``psutil.Process``), recorded once serving: stopped whatever happens."""
 
     def rank_pid(self, rank: int) -> int:
         """The pid of rank ``rank``, from rank 0's log line listing every rank."""
@@ -90,15 +94,22 @@ class Launched:
         raise AssertionError("rank 0 never listed the ranks:\n" + "".join(self.lines[-30:]))
 
     def stop(self) -> int | None:
-        """Stop rank 0 with SIGTERM (a graceful stop that takes the workers with it)."""
-        if self.proc.poll() is None:
-            os.kill(self.rank_pid(0), signal.SIGTERM)
-            try:
+        """Stop rank 0 with SIGTERM (a graceful stop that takes the workers with it), then anything left."""
+        try:
+            if self.proc.poll() is None:
+                os.kill(self.rank_pid(0), signal.SIGTERM)
                 self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        except (AssertionError, ProcessLookupError, subprocess.TimeoutExpired):
+            pass  # rank 0 never listed, already gone, or the graceful stop hung: killed below
+        finally:
+            self.kill()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """Stop the launcher and every rank still running (no rank outlives a test)."""
+        stop_processes([*self.tree, *process_tree(self.proc.pid)], grace_s=10)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
 
 
 FSDP_ARGS = (
@@ -165,6 +176,7 @@ def launch(model_dir: Path, checkpoint_dir: Path, home: Path, *extra: str, fsdp:
 
     threading.Thread(target=pump, daemon=True).start()
     ready.wait(STARTUP_S)
+    launched.tree = process_tree(proc.pid)
     if not launched.address:
         launched.stop()
         raise AssertionError("the two-process server did not start:\n" + "".join(launched.lines[-40:]))
@@ -486,8 +498,7 @@ async def test_killing_rank_1_fails_the_call_and_the_server_exits(model_dir: Pat
         launched.proc.wait(90)  # the launcher tears the group down; nothing hangs
         assert launched.proc.returncode != 0
     finally:
-        if launched.proc.poll() is None:
-            launched.proc.kill()
+        launched.kill()
 
 
 async def test_a_hung_rank_fails_the_call_after_the_cluster_timeout(model_dir: Path, tmp_path: Path) -> None:
@@ -515,8 +526,9 @@ async def test_a_hung_rank_fails_the_call_after_the_cluster_timeout(model_dir: P
     finally:
         os.kill(rank1, signal.SIGKILL)
         os.kill(rank1, signal.SIGCONT)
-        if launched.proc.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             launched.proc.wait(60)
+        launched.kill()
 
 
 @pytest.mark.parametrize(
@@ -638,3 +650,34 @@ async def test_a_released_forward_leaves_training_as_one_process_has_it(two: Lau
     double = await _after_a_dropped_graph(two.address, batch)
     close(torch.tensor(single[:2]), torch.tensor(double[:2]))
     close(single[2], double[2])
+
+
+def _huge_on_the_last_datum(
+    data: Sequence[Datum], logprobs: list[torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A finite loss (0) whose gradient overflows the parameters' only on the last datum (rank 1's share)."""
+    last = logprobs[-1]
+    return ((last - last.detach()) * 3e38).sum() + 0 * sum(lp.sum() for lp in logprobs[:-1]), {}
+
+
+async def test_an_overflowing_backward_on_one_rank_is_refused_on_every_rank(two: Launched) -> None:
+    """Rank 1's gradients would overflow, rank 0's would not: both refuse, and training goes on as if never called."""
+    batch = uneven_batch()  # rank 0 takes the first datums, rank 1 the last
+    async with AsyncServiceClient(two.address) as service:
+        tc = await service.create_training_client(MODEL, lora_rank=None, seed=5)
+        twin = await service.create_training_client(MODEL, lora_rank=None, seed=5)
+        for client in (tc, twin):
+            await client.forward_backward(batch[:1], "cross_entropy")  # a gradient the refusal must keep
+        with pytest.raises(APIStatusError) as info:
+            await asyncio.wait_for(tc.forward_backward_custom(batch, _huge_on_the_last_datum), 120)
+        assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT, info.value
+        assert "would make the parameter gradients non-finite" in info.value.details
+        norms = []
+        for client in (tc, twin):
+            await client.forward_backward(batch, "cross_entropy")
+            norms.append((await client.optim_step(ADAM)).grad_norm)
+            norms.append(torch.cat((await client.forward(batch)).logprobs))
+        assert norms[0] == norms[2], "a rank kept part of the refused gradient"
+        assert torch.equal(norms[1], norms[3])
+        await tc.close()
+        await twin.close()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import stop_process_tree
 
 from trainer_client import AdamParams, AsyncServiceClient, Datum
 from trainer_server import ServerConfig, TrainerServer
@@ -37,10 +38,14 @@ def test_bench_gpu_runs_its_comparison_on_cpu_ranks(tmp_path: Path) -> None:
     cmd = [sys.executable, str(ROOT / "scripts" / "bench_gpu.py"), "--cpu", "--full", "--fsdp", "--steps", "1"]
     cmd += ["--hidden", "64", "--layers", "2", "--vocab", "512", "--seq", "32", "--batch", "2"]
     cmd += ["--models-dir", str(tmp_path)]
-    out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    rows = [line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [(r[0], r[1]) for r in rows] == [("| 1", "single"), ("| 2", "MULTI_CPU"), ("| 2", "FSDP")], out.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:  # the benchmark, its launchers and their ranks, on every path (a timeout included)
+        stop_process_tree(proc.pid)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    rows = [line.split(" | ") for line in stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [(r[0], r[1]) for r in rows] == [("| 1", "single"), ("| 2", "MULTI_CPU"), ("| 2", "FSDP")], stdout
     for row in rows:
         assert float(row[3]) > 0 and int(row[6].rstrip(" |").replace(",", "")) > 100  # step s; peak RSS MiB
 

@@ -2,7 +2,9 @@
 
 See :mod:`trainer_ckpt.delta` for the on-disk format and its invariants, and
 ``python -m trainer_ckpt --help`` for the command line (``apply-delta``, ``inspect``,
-``make-delta``).
+``make-delta``). :func:`apply_delta_inplace` updates weights already in memory (a dict of
+tensors or a loaded model) for serving replicas. Importing this package needs only torch,
+numpy, safetensors and zstandard (no transformers).
 """
 
 from trainer_ckpt.delta import (
@@ -11,13 +13,16 @@ from trainer_ckpt.delta import (
     ENCODINGS,
     FORMAT_NAME,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     WEIGHTS_FILE,
     DeltaBlob,
     DeltaError,
     DeltaStats,
     Encoding,
+    Progress,
     TensorDelta,
     apply_delta,
+    apply_delta_inplace,
     apply_delta_to_dir,
     decode_delta,
     encode_delta,
@@ -33,13 +38,16 @@ __all__ = [
     "ENCODINGS",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "WEIGHTS_FILE",
     "DeltaBlob",
     "DeltaError",
     "DeltaStats",
     "Encoding",
+    "Progress",
     "TensorDelta",
     "apply_delta",
+    "apply_delta_inplace",
     "apply_delta_to_dir",
     "decode_delta",
     "encode_delta",

@@ -1,7 +1,8 @@
 """Command line for DELTA checkpoints: ``python -m trainer_ckpt {apply-delta,inspect,make-delta}``.
 
 - ``apply-delta BASE_DIR DELTA_DIR OUT_DIR``: rebuild a full Hugging Face model directory from a
-  base model directory and a delta (bit for bit, verified).
+  base model directory and a delta (bit for bit, verified). A progress bar (tqdm, on stderr)
+  shows on large deltas when stderr is a terminal; ``--progress`` / ``--no-progress`` force it.
 - ``inspect DELTA_DIR``: show each tensor's encoding and sizes.
 - ``make-delta BASE NEW OUT_DIR``: make a delta between two weights files (or model directories).
 
@@ -19,7 +20,6 @@ from pathlib import Path
 from trainer_ckpt.delta import (
     DELTA_BIN,
     DELTA_JSON,
-    ENCODINGS,
     WEIGHTS_FILE,
     DeltaError,
     DeltaStats,
@@ -43,12 +43,24 @@ def _weights_file(path: Path) -> Path:
     return path / WEIGHTS_FILE if path.is_dir() else path
 
 
+PROGRESS_MIN_BYTES = 256 << 20
+"""Deltas of at least this many bytes of weights show a progress bar by default (on a terminal)."""
+
+
 def _cmd_apply(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     started = time.perf_counter()
-    out = apply_delta_to_dir(args.base_dir, args.delta_dir, args.out_dir)
+    _, entries = read_manifest(args.delta_dir)
+    total = sum(e.raw_bytes for e in entries)
+    show = args.progress if args.progress is not None else (total >= PROGRESS_MIN_BYTES and sys.stderr.isatty())
+    with tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply-delta", file=sys.stderr, disable=not show
+    ) as bar:
+        out = apply_delta_to_dir(args.base_dir, args.delta_dir, args.out_dir, progress=bar.update)
     size = (out / WEIGHTS_FILE).stat().st_size
     print(
-        f"wrote {out} ({WEIGHTS_FILE}: {_human(size)}, verified bit for bit against {args.delta_dir / DELTA_JSON}) "
+        f"wrote {out} ({WEIGHTS_FILE}: {_human(size)}, verified bit for bit against {args.delta_dir}) "
         f"in {time.perf_counter() - started:.2f} s"
     )
     return 0
@@ -56,9 +68,11 @@ def _cmd_apply(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     header, entries = read_manifest(args.delta_dir)
-    stats = DeltaStats.from_entries(entries, manifest_bytes=(args.delta_dir / DELTA_JSON).stat().st_size)
+    stats = DeltaStats.from_entries(entries, manifest_bytes=header["manifest_bytes"])
     print(f"delta {args.delta_dir}: format {header['format']} v{header['version']}, zstd level {header['zstd_level']}")
-    print(f"base sha256: {header['base_sha256']}")
+    if "base_sha256" in header:
+        print(f"base file sha256: {header['base_sha256']}")
+    print(f"base weights sha256: {header['base_weights_sha256']}")
     print(f"new weights sha256: {header['new_sha256']}")
     width = max([len("tensor"), *(len(e.name) for e in entries)])
     print(f"{'tensor':<{width}}  {'dtype':<5} {'shape':<16} {'encoding':<8} {'changed':>8} {'raw':>11} {'stored':>11}")
@@ -69,10 +83,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"{e.name:<{width}}  {e.dtype:<5} {shape:<16} {e.encoding:<8} {changed:>8} "
             f"{_human(e.raw_bytes):>11} {_human(e.length):>11}"
         )
-    counts = ", ".join(f"{k} {stats.encodings[k]}" for k in ENCODINGS)
+    counts = ", ".join(f"{k} {n}" for k, n in stats.encodings.items())
     print(
-        f"total: {stats.tensors} tensors ({counts}); raw {_human(stats.raw_bytes)}, {DELTA_BIN} "
-        f"{_human(stats.compressed_bytes)}, {DELTA_JSON} {_human(stats.manifest_bytes)}; ratio {stats.ratio:.2f}x; "
+        f"total: {stats.tensors} tensors ({counts}); raw {_human(stats.raw_bytes)}, blobs "
+        f"{_human(stats.compressed_bytes)}, metadata ({DELTA_JSON} and index) {_human(stats.manifest_bytes)}, "
+        f"whole delta {_human(stats.total_bytes)}; ratio {stats.ratio:.2f}x; "
         f"{100 * stats.changed_fraction:.2f}% of elements changed"
     )
     return 0
@@ -89,8 +104,8 @@ def _cmd_make(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     stats = write_delta(_weights_file(args.base), new, args.out_dir, level=args.level)
     print(
-        f"wrote {args.out_dir}: {stats.tensors} tensors, {DELTA_BIN} {_human(stats.compressed_bytes)} for "
-        f"{_human(stats.raw_bytes)} of weights (ratio {stats.ratio:.2f}x) in {time.perf_counter() - started:.2f} s"
+        f"wrote {args.out_dir}: {stats.tensors} tensors, {_human(stats.total_bytes)} ({DELTA_BIN} and {DELTA_JSON}) "
+        f"for {_human(stats.raw_bytes)} of weights (ratio {stats.ratio:.2f}x) in {time.perf_counter() - started:.2f} s"
     )
     return 0
 
@@ -104,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("base_dir", type=Path, metavar="BASE_DIR", help="base model directory (with model.safetensors)")
     p.add_argument("delta_dir", type=Path, metavar="DELTA_DIR", help="delta directory (delta.json, delta.bin)")
     p.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="output model directory (must not exist)")
+    p.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: on a terminal, for deltas of at least 256 MiB of weights)",
+    )
     p.set_defaults(func=_cmd_apply)
     p = sub.add_parser("inspect", help="show a delta's per-tensor encodings and sizes")
     p.add_argument("delta_dir", type=Path, metavar="DELTA_DIR")

@@ -6,6 +6,8 @@ Examples::
     trainer-client checkpoints
     trainer-client download step-100 out/step-100     # resumable, sha256-checked, progress bar
     trainer-client delete step-100
+    trainer-client sessions                           # this API key's open sessions
+    trainer-client sessions close s-1f0c...           # close one a crashed client left open
 
 The API key comes from ``--api-key`` or ``$TRAINER_API_KEY``; ``--root-certificates`` (PEM)
 or ``--tls`` turns on TLS. The server address may also be ``HOST`` (port 50051) or
@@ -23,7 +25,7 @@ from pathlib import Path
 
 from trainer_client._errors import TrainerError, UnavailableError
 from trainer_client._sync_client import ServiceClient
-from trainer_client._types import CheckpointInfo
+from trainer_client._types import CheckpointInfo, SessionInfo
 
 __all__ = ["main"]
 
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     download.add_argument("--quiet", action="store_true", help="no progress bar")
     delete = sub.add_parser("delete", help="delete a checkpoint")
     delete.add_argument("name")
+    sessions = sub.add_parser("sessions", help="list this API key's open sessions, or close one")
+    sessions.add_argument("action", nargs="?", choices=["list", "close"], default="list")
+    sessions.add_argument("session_id", nargs="?", help="the session to close")
     return parser
 
 
@@ -74,6 +79,23 @@ def _checkpoint_table(checkpoints: list[CheckpointInfo]) -> str:
     for c in checkpoints:
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c.created_at))
         rows.append((c.name, c.kind, str(c.step), _size(c.total_bytes), c.dtype, c.base_checkpoint or "-", created))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def _session_table(sessions: list[SessionInfo]) -> str:
+    """An aligned table of open sessions with a header row, or a sentence when there are none."""
+    if not sessions:
+        return "no open sessions"
+    rows = [("SESSION", "MODEL", "MODE", "STEP", "NEXT SEQ", "IN FLIGHT", "IDLE", "CREATED")]
+    now = time.time()
+    for s in sessions:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.created_at))
+        mode = "full" if s.lora_rank is None else f"lora r{s.lora_rank}"
+        idle = f"{max(0.0, now - s.last_active_at):.0f}s"
+        rows.append(
+            (s.session_id, s.base_model, mode, str(s.step), str(s.next_seq), str(s.calls_in_flight), idle, created)
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -113,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             elif args.command == "download":
                 out = client.download_checkpoint(args.name, args.out_dir, progress=not args.quiet)
                 print(f"downloaded {args.name} to {out}")
+            elif args.command == "sessions":
+                if args.action == "close":
+                    if not args.session_id:
+                        raise ValueError("sessions close needs the session's id (see: trainer-client sessions)")
+                    client.end_session(args.session_id)
+                    print(f"closed {args.session_id}")
+                else:
+                    print(_session_table(client.list_sessions()))
             else:
                 client.delete_checkpoint(args.name)
                 print(f"deleted {args.name}")

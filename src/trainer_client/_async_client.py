@@ -35,6 +35,7 @@ import grpc
 from trainer_client._address import DEFAULT_TARGET, parse_target
 from trainer_client._config import ClientConfig
 from trainer_client._errors import (
+    APIStatusError,
     ClientClosedError,
     DataLossError,
     LossFunctionError,
@@ -42,6 +43,7 @@ from trainer_client._errors import (
     PreviousCallFailedError,
     ProtocolError,
     UnavailableError,
+    after_retries,
     from_grpc_error,
     from_status,
 )
@@ -253,13 +255,15 @@ class AsyncTrainingClient:
             # Safe to repeat: the server answers a retried (session, seq, same request)
             # with the stored outcome and never applies a call twice.
             attempts = self._service.config.retry_attempts
+            failures: list[UnavailableError] = []
             async with self._slots:
                 for attempt in range(attempts):
                     try:
                         return await run(seq)
-                    except UnavailableError:
+                    except UnavailableError as exc:
+                        failures.append(exc)
                         if attempt == attempts - 1:
-                            raise
+                            raise after_retries(failures) from exc
                     await asyncio.sleep(random.uniform(0, self._service.config.retry_backoff_s * 2**attempt))
             raise AssertionError("unreachable")
 
@@ -680,13 +684,17 @@ class AsyncServiceClient:
         """Run ``attempt``; on UNAVAILABLE, when ``retry``, again after a jittered backoff."""
         self._check_open()
         attempts = self.config.retry_attempts if retry else 1
+        failures: list[APIStatusError] = []
         for n in range(attempts):
             try:
                 return await attempt()
             except grpc.aio.AioRpcError as exc:
                 error = self._translate(exc, method)
-                if not isinstance(error, UnavailableError) or n == attempts - 1:
+                if not isinstance(error, UnavailableError):
                     raise error from exc
+                failures.append(error)
+                if n == attempts - 1:
+                    raise after_retries(failures) from exc
             await asyncio.sleep(random.uniform(0, self.config.retry_backoff_s * 2**n))
         raise AssertionError("unreachable")
 

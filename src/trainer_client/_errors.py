@@ -32,6 +32,8 @@ with gRPC's own details kept at the end of the message.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import grpc
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "UnavailableError",
     "UnimplementedError",
     "UnknownError",
+    "after_retries",
     "from_grpc_error",
     "from_status",
 ]
@@ -73,9 +76,11 @@ class APIStatusError(TrainerError):
         code: the gRPC status code.
         details: the server's message.
         method: the RPC that failed, e.g. ``"OptimStep"``.
+        attempts: how many times the call was tried (more than 1 after retries on UNAVAILABLE).
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    attempts: int = 1
 
     def __init__(self, details: str, *, code: grpc.StatusCode | None = None, method: str = "") -> None:
         if code is not None:
@@ -236,6 +241,24 @@ def _connection_hint(details: str, target: str, tls: bool) -> str:
     if any(s in details for s in ("Connection refused", "DNS resolution failed", "failed to connect", "No route")):
         return f"no trainer-server at {target} (is it running?)"
     return ""
+
+
+def after_retries(errors: Sequence[APIStatusError]) -> APIStatusError:
+    """The error to raise once retries are spent: the last one, with every distinct reason kept.
+
+    Attempts often fail for different reasons: a server answers UNAVAILABLE saying why
+    ("the server lost one of its 2 processes and must be restarted"), then goes away, and
+    the later attempts only say "failed to connect to all addresses". The first reason is
+    the explanation, so the details list the distinct reasons in the order they came.
+    """
+    last = errors[-1]
+    if len(errors) == 1:
+        return last
+    first, *later = dict.fromkeys(e.details for e in errors)  # distinct, in order
+    details = first if not later else f"{first}; later attempts: {'; '.join(later)}"
+    error = type(last)(f"{details} ({len(errors)} attempts)", code=last.code, method=last.method)
+    error.attempts = len(errors)
+    return error
 
 
 def from_status(

@@ -231,13 +231,17 @@ LossFn = Callable[[list["Datum"], list["torch.Tensor"]], tuple["torch.Tensor", M
 class AdamParams:
     """AdamW hyperparameters (defaults match the Tinker SDK).
 
+    The server refuses values out of range with INVALID_ARGUMENT and changes nothing; a
+    step that would still make a weight or the optimizer state non-finite is undone and
+    answered FAILED_PRECONDITION.
+
     Attributes:
-        learning_rate: step size.
-        beta1: first-moment decay.
-        beta2: second-moment decay.
-        eps: denominator epsilon.
-        weight_decay: decoupled weight decay.
-        grad_clip_norm: clip the global gradient L2 norm to this; 0 disables.
+        learning_rate: step size, in [0, 10].
+        beta1: first-moment decay, in [0, 1).
+        beta2: second-moment decay, in [0, 1).
+        eps: denominator epsilon, in [1e-30, 1].
+        weight_decay: decoupled weight decay, >= 0, with ``learning_rate * weight_decay <= 1``.
+        grad_clip_norm: clip the global gradient L2 norm to this; 0 disables; >= 0.
     """
 
     learning_rate: float = 1e-4

@@ -244,6 +244,8 @@ async def serve(config: ServerConfig, cluster: Cluster | None = None) -> None:
         await server.start()
     except ServiceError as exc:  # e.g. another rank failed while the models loaded
         raise SystemExit(f"trainer-server: cannot start: {exc.message}") from None
+    except OSError as exc:  # e.g. the port is taken
+        raise SystemExit(f"trainer-server: cannot start: {exc}") from None
     print(f"trainer-server ready on {server.address}", flush=True)
     await stop.wait()
     await server.stop(save_sessions=True)  # restored at the next start with the same --checkpoint-dir

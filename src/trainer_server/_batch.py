@@ -15,7 +15,7 @@ import torch
 
 from trainer_server._config import Limits
 from trainer_server._models import BaseModel
-from trainer_server.core.errors import invalid_argument, resource_exhausted
+from trainer_server.core.errors import echo, invalid_argument, resource_exhausted
 from trainer_server.core.types import RawDatum
 
 __all__ = ["Batch", "parse_datums", "shard_bounds"]
@@ -63,7 +63,7 @@ class Batch:
         """
         for i, extra in enumerate(self.extras):
             if name not in extra:
-                raise invalid_argument(f"datum {i}: loss_fn_inputs[{name!r}] is required by this loss")
+                raise invalid_argument(f"datum {i}: loss_fn_inputs[{echo(name)}] is required by this loss")
         return torch.cat([e[name] for e in self.extras])
 
 
@@ -140,7 +140,8 @@ def parse_datums(datums: Sequence[RawDatum], base: BaseModel, limits: Limits) ->
         for name, t in inputs.items():
             if t.shape != (n,):
                 raise invalid_argument(
-                    f"{where}: loss_fn_inputs[{name!r}] has shape {list(t.shape)}, expected [{n}] (one per input token)"
+                    f"{where}: loss_fn_inputs[{echo(name)}] has shape {list(t.shape)}, "
+                    f"expected [{n}] (one per input token)"
                 )
         if "target_tokens" not in inputs:
             raise invalid_argument(f"{where}: loss_fn_inputs['target_tokens'] is required")
@@ -153,7 +154,7 @@ def parse_datums(datums: Sequence[RawDatum], base: BaseModel, limits: Limits) ->
         w = w.to(torch.float32)
         for name, t in [("weights", w), *inputs.items()]:
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise invalid_argument(f"{where}: loss_fn_inputs[{name!r}] contains NaN or Inf")
+                raise invalid_argument(f"{where}: loss_fn_inputs[{echo(name)}] contains NaN or Inf")
         tokens.append(ids)
         targets.append(tgt)
         weights.append(w)

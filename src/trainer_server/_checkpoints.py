@@ -39,7 +39,7 @@ from typing import Any
 
 from trainer_ckpt.delta import fsync_dir
 from trainer_proto.checksums import sha256_file
-from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found
+from trainer_server.core.errors import ErrorCode, ServiceError, echo, invalid_argument, not_found
 
 __all__ = [
     "MANIFEST",
@@ -57,7 +57,7 @@ MANIFEST_VERSION = 1
 SAVE_PHASES = ("files_written", "files_synced", "manifest_written", "renamed")
 """Points of a save where ``TRAINER_FAULT_AT`` can kill the process (crash tests)."""
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # matched whole: fullmatch, no "$" before a newline
 
 
 def validate_name(name: str) -> str:
@@ -71,11 +71,11 @@ def validate_name(name: str) -> str:
     if "\x00" in name:
         raise invalid_argument("checkpoint name contains a NUL byte")
     if "/" in name or "\\" in name or name in (".", "..") or ".." in name:
-        raise invalid_argument(f"checkpoint name {name!r} must be a single path component without '..'")
-    if not _NAME.match(name):
+        raise invalid_argument(f"checkpoint name {echo(name)} must be a single path component without '..'")
+    if not _NAME.fullmatch(name):
         raise invalid_argument(
-            f"checkpoint name {name!r} must start with a letter or digit and use only letters, digits, '.', '_', '-' "
-            "(at most 128 characters)"
+            f"checkpoint name {echo(name)} must start with a letter or digit and use only letters, digits, "
+            "'.', '_', '-' (at most 128 characters)"
         )
     return name
 
@@ -131,7 +131,7 @@ class Manifest:
         for f in self.files:
             if f.path == path:
                 return f
-        raise not_found(f"checkpoint {self.name!r} has no file {path!r}; files: {[f.path for f in self.files]}")
+        raise not_found(f"checkpoint {self.name!r} has no file {echo(path)}; files: {[f.path for f in self.files]}")
 
     def to_json(self) -> str:
         """Serialise."""
@@ -164,7 +164,7 @@ class CheckpointStore:
         """Directory of a checkpoint name (validated, inside the root)."""
         path = (self.root / validate_name(name)).resolve()
         if path.parent != self.root.resolve():
-            raise invalid_argument(f"checkpoint name {name!r} escapes the checkpoint root")
+            raise invalid_argument(f"checkpoint name {echo(name)} escapes the checkpoint root")
         return path
 
     def exists(self, name: str) -> bool:

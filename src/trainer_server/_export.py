@@ -295,7 +295,8 @@ def _write_delta(snapshot: Snapshot, out: Path, base_dir: Path) -> dict[str, Any
         raise invalid_argument(f"the base checkpoint has tensors this session lacks: {missing[:5]}")
     stats = delta.write_delta(base_dir / WEIGHTS_FILE, {n: tensors[n] for n in names}, out)
     ratio = stats.ratio if math.isfinite(stats.ratio) else None  # inf (nothing changed) is not valid JSON
-    return {"ratio": ratio, "raw_bytes": stats.raw_bytes, "compressed_bytes": stats.compressed_bytes}
+    # compressed_bytes: the whole delta (delta.bin with its index, and delta.json), as ratio counts it.
+    return {"ratio": ratio, "raw_bytes": stats.raw_bytes, "compressed_bytes": stats.total_bytes}
 
 
 def write_adapter(state: SessionModel, out: Path | None) -> None:

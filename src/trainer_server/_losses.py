@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer_server._batch import Batch
-from trainer_server.core.errors import invalid_argument
+from trainer_server.core.errors import echo, invalid_argument
 
 __all__ = [
     "LOSSES",
@@ -81,11 +81,14 @@ def cross_entropy(logprobs: torch.Tensor, batch: Batch, config: Mapping[str, flo
 def _config(name: str, config: Mapping[str, float], defaults: Mapping[str, float]) -> dict[str, float]:
     unknown = sorted(set(config) - set(defaults))
     if unknown:
-        raise invalid_argument(f"{name} does not take {unknown}; its loss_fn_config keys are {sorted(defaults)}")
+        listed = ", ".join(echo(key) for key in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise invalid_argument(f"{name} does not take {listed}; its loss_fn_config keys are {sorted(defaults)}")
     cfg = {**defaults, **config}
     for key, value in cfg.items():
         if not math.isfinite(value):
-            raise invalid_argument(f"{name}: loss_fn_config[{key!r}] must be finite, got {value}")
+            raise invalid_argument(f"{name}: loss_fn_config[{echo(key)}] must be finite, got {value}")
     if "clip_low_threshold" in cfg and not 0 <= cfg["clip_low_threshold"] <= cfg["clip_high_threshold"]:
         raise invalid_argument(
             f"{name}: need 0 <= clip_low_threshold <= clip_high_threshold, got "

@@ -25,15 +25,13 @@ Invariants (enforced by the engine, relied on by callers):
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from trainer_proto import pb
-from trainer_server.core.errors import invalid_argument, resource_exhausted
+from trainer_server.core.errors import invalid_argument
 
 __all__ = [
     "MAX_TOP_LOGPROBS",
@@ -102,34 +100,6 @@ class SamplingSettings:
             raise invalid_argument("stop_strings contains an empty string")
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise invalid_argument(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
-
-    @classmethod
-    def from_proto(
-        cls, msg: pb.SamplingParams, *, num_samples: int, prompt_len: int, max_length: int, max_samples: int
-    ) -> SamplingSettings:
-        """Validate a gRPC request's parameters against the model and limits.
-
-        Raises:
-            ServiceError: INVALID_ARGUMENT naming the parameter and its valid range;
-                RESOURCE_EXHAUSTED for more samples than ``max_samples``.
-        """
-        if num_samples > max_samples:
-            raise resource_exhausted(f"num_samples {num_samples} is over the limit max_samples_per_call={max_samples}")
-        room = max_length - prompt_len
-        if msg.max_tokens > room:
-            raise invalid_argument(
-                f"params.max_tokens {msg.max_tokens} is over the limit: a {prompt_len}-token prompt leaves {room} "
-                f"of the model's maximum length {max_length}"
-            )
-        return cls(
-            num_samples=num_samples,
-            max_tokens=msg.max_tokens,
-            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
-            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
-            top_k=msg.top_k,
-            stop=tuple(tuple(int(t) for t in s.tokens) for s in msg.stop),
-            seed=msg.seed if msg.HasField("seed") else random.getrandbits(63),
-        )
 
 
 @dataclass(frozen=True, eq=False)

@@ -9,12 +9,20 @@
 Health (``grpc.health.v1``) answers NOT_SERVING until the models are loaded, SERVING
 while the server runs, and NOT_SERVING again once shutdown starts; server reflection is
 on, so ``grpcurl`` can list and describe everything.
+
+The port is bound exclusively: gRPC would otherwise set ``SO_REUSEPORT``, and a second
+server started on a port already in use would listen too, with clients landing on either
+at random (their sessions seeming to vanish). A taken port fails :meth:`TrainerServer.start`
+with an ``OSError`` that says so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -39,6 +47,32 @@ __all__ = ["SERVICE_NAME", "TrainerServer", "model_paths", "run_worker"]
 log = logging.getLogger("trainer_server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def _bind(add_port: Callable[[], int]) -> int:
+    """The port ``add_port`` bound, or 0 when it could not (grpc raises or returns 0, by version)."""
+    try:
+        return add_port()
+    except RuntimeError:
+        return 0
+
+
+def _why_not_bound(host: str, port: int) -> str:
+    """Why grpc could not bind ``host:port``, as precisely as a plain socket can tell."""
+    bind = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return (
+                f"port {port} is already in use on {host} (another trainer-server?); stop it or choose another --port"
+            )
+        return f"could not bind {bind}: {exc.strerror or exc}"
+    return f"could not bind {bind}"
 
 
 def model_paths(config: ServerConfig) -> dict[str, Path]:
@@ -150,11 +184,14 @@ class TrainerServer:
         self.servicer = TrainerServicer(self.core)
         server = grpc.aio.server(
             interceptors=[ApiKeyInterceptor(self.config.api_keys)] if self.config.api_keys else None,
-            options=options.grpc_options(
-                max_message_bytes=limits.max_message_bytes,
-                keepalive_time_s=self.config.keepalive_time_s,
-                server=True,
-            ),
+            options=[
+                *options.grpc_options(
+                    max_message_bytes=limits.max_message_bytes,
+                    keepalive_time_s=self.config.keepalive_time_s,
+                    server=True,
+                ),
+                ("grpc.so_reuseport", 0),  # a taken port is an error, not a port shared with another server
+            ],
         )
         _add_servicer(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -168,11 +205,12 @@ class TrainerServer:
             credentials = grpc.ssl_server_credentials(
                 [(self.config.tls_key.read_bytes(), self.config.tls_cert.read_bytes())]
             )
-            self._port = server.add_secure_port(bind, credentials)
+            self._port = _bind(lambda: server.add_secure_port(bind, credentials))
         else:
-            self._port = server.add_insecure_port(bind)
+            self._port = _bind(lambda: server.add_insecure_port(bind))
         if self._port == 0:
-            raise OSError(f"could not bind {self.config.host}:{self.config.port}")
+            await self.core.shutdown()  # nothing was served; the other ranks, if any, are let go
+            raise OSError(_why_not_bound(self.config.host, self.config.port))
         await server.start()
         self._server = server
         if self.config.tinker_port is not None:
@@ -193,7 +231,7 @@ class TrainerServer:
             await self.stop(0)
             raise
         if self.config.restore_sessions:
-            await self.core.restore_saved_sessions()
+            await self.core.restarts.restore()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", sorted(self.core.models), self.address)
 
@@ -237,9 +275,9 @@ class TrainerServer:
         self._server = None
         if self.core is not None:
             if save_sessions and self.core.ready:
-                await self.core.save_open_sessions()
+                await self.core.restarts.save_open()
             else:
-                self.core.discard_open_sessions()
+                self.core.restarts.discard_open()
             await self.core.shutdown()
         log.info("stopped")
 

@@ -35,6 +35,7 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +432,22 @@ def build_tiny_model(
         special_ids=special_ids,
     )
 
+    def write(tmp_dir: Path, model: Any) -> None:
+        model.save_pretrained(tmp_dir, safe_serialization=True)
+        if with_tokenizer:
+            _write_tokenizer(tmp_dir, model_max_length=max_position_embeddings)
+
+    return save_random_model(out_dir, config, seed, write)
+
+
+def save_random_model(out_dir: Path, config: Any, seed: int, write: Callable[[Path, Any], None]) -> Path:
+    """Initialise a causal LM from ``config`` with ``seed`` and save it as ``out_dir``, atomically.
+
+    The weights come from ``torch.manual_seed(seed)`` inside ``torch.random.fork_rng`` (the
+    caller's RNG is untouched); ``write(tmp_dir, model)`` saves the model and whatever goes with
+    it into a temporary sibling, which then replaces ``out_dir`` by a rename, so a crash never
+    leaves a half-written model directory.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -444,9 +461,7 @@ def build_tiny_model(
             # transformers leaves from_config unannotated.
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
         model.eval()
-        model.save_pretrained(tmp_dir, safe_serialization=True)
-        if with_tokenizer:
-            _write_tokenizer(tmp_dir, model_max_length=max_position_embeddings)
+        write(tmp_dir, model)
         tmp_dir.chmod(0o755)  # mkdtemp makes it private; a model directory is ordinary data.
         _replace_dir(tmp_dir, out_dir)
     except BaseException:

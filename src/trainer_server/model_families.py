@@ -27,13 +27,11 @@ From the shell: ``python -m trainer_server.model_families qwen2.5 models/tiny-ch
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer_server.builtin_models import _replace_dir, _trained_tokenizer_json
+from trainer_server.builtin_models import _trained_tokenizer_json, save_random_model
 
 __all__ = ["FAMILIES", "Family", "build_family_model", "main"]
 
@@ -254,33 +252,22 @@ def build_family_model(
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {sorted(FAMILIES)}; got {family!r}")
     spec = FAMILIES[family]
-    import torch
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import GenerationConfig
 
     tokenizer = _tokenizer(spec, max_position_embeddings)
     config = _config(
         spec, tokenizer, hidden_size=hidden_size, num_layers=num_layers, max_positions=max_position_embeddings
     )
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)  # type: ignore[no-untyped-call]
-        model.eval()
+
+    def write(tmp_dir: Path, model: Any) -> None:
         model.generation_config = GenerationConfig(  # type: ignore[no-untyped-call]
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         )
         model.save_pretrained(tmp_dir, safe_serialization=True)
         tokenizer.save_pretrained(tmp_dir)
         _check_saved(tmp_dir)
-        tmp_dir.chmod(0o755)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+
+    return save_random_model(Path(out_dir), config, seed, write)
 
 
 def _check_saved(model_dir: Path) -> None:

@@ -11,5 +11,7 @@ Modules:
     types: what calls take and return.
     sessions: sessions and the sequencer that runs each session's calls in order.
     ops: the operations every rank runs, and the explicit table of their handlers.
+    held: a custom-loss call between its forward and its gradient.
+    restarts: sessions saved at a graceful stop and restored at the next start.
     service: ``TrainingCore``, the domain API over all of them.
 """

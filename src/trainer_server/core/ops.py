@@ -370,9 +370,13 @@ class Engine:
 
     def _backward(self, op: Backward) -> None:
         held = self.held.pop(op.handle)
-        if held.logprobs is not None:
-            grad = torch.zeros_like(held.logprobs) if held.stand_in else op.grad[held.start : held.stop]
-            self._session(op.session_id).backward(held.logprobs, grad)
+        state = self._session(op.session_id)
+        if held.logprobs is None or held.stand_in:
+            grad = torch.zeros(0) if held.logprobs is None else torch.zeros_like(held.logprobs)
+        else:
+            grad = op.grad[held.start : held.stop]
+        agree = self.cluster.all_reduce_sum_ if self.cluster.distributed and not state.sharded else None
+        state.backward(held.logprobs, grad, agree)  # every rank adds, or every rank refuses
 
     def _release(self, op: Release) -> None:
         self.held.pop(op.handle, None)
@@ -381,7 +385,7 @@ class Engine:
         state = self._session(op.session_id)
         if self.cluster.distributed and not state.sharded:  # FSDP's backward already summed them
             state.sum_gradients(self.cluster.all_reduce_sum_)
-        return state.optim_step(op.settings)
+        return state.optim_step(op.settings, self.cluster.all_reduce_sum_ if state.sharded else None)
 
     def _save_checkpoint(self, op: SaveCheckpoint) -> int | None:
         state = self._session(op.session_id)

@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import itertools
-import json
 import logging
-import shutil
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,17 +61,19 @@ from trainer_server.core import ops as _ops
 from trainer_server.core.errors import (
     ErrorCode,
     ServiceError,
+    echo,
     failed_precondition,
     invalid_argument,
     not_found,
     resource_exhausted,
 )
+from trainer_server.core.held import CustomReplay, HeldForward
+from trainer_server.core.restarts import SessionRestarts
 from trainer_server.core.sessions import SequencedCall, Session, SessionRegistry, committing_call, new_session_id
 from trainer_server.core.types import (
     CHECKPOINT_KINDS,
     CallRef,
     CheckpointResult,
-    CustomResult,
     ForwardBackwardResult,
     ForwardResult,
     OptimStepResult,
@@ -83,7 +82,7 @@ from trainer_server.core.types import (
     SessionSpec,
 )
 
-__all__ = ["CAPABILITIES", "CustomReplay", "HeldForward", "TrainingCore", "server_version"]
+__all__ = ["CAPABILITIES", "TrainingCore", "server_version"]
 
 log = logging.getLogger("trainer_server.core")
 
@@ -162,6 +161,8 @@ class TrainingCore:
         """The anonymous owner's checkpoints (all of them when auth is off)."""
         self._stores: dict[str, CheckpointStore] = {"": self.checkpoints}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-device")
+        self.restarts = SessionRestarts(self)
+        """Saves open sessions at a graceful stop and restores them at the next start."""
         self.sampler = SamplingScheduler(self.on_device)
         """Batches concurrent sampling requests on the same weights into shared decode steps."""
         self._decoders: dict[str, Any] = {}
@@ -377,7 +378,7 @@ class TrainingCore:
             raise invalid_argument("base_model is required")
         base = self.models.get(name)
         if base is None:
-            raise not_found(f"unknown base model {name!r}; this server serves {sorted(self.models)}")
+            raise not_found(f"unknown base model {echo(name)}; this server serves {sorted(self.models)}")
         return base
 
     def session(self, session_id: str, owner: str = "") -> Session:
@@ -443,7 +444,7 @@ class TrainingCore:
                     await self._discard_built(session_id)
                     raise
                 session = self.sessions.add(session_id, base, self.engine.sessions[session_id], owner)
-                self._journal(session, open_=True)
+                self.restarts.journal(session, open_=True)
                 return session
 
         task = asyncio.ensure_future(build())
@@ -499,7 +500,7 @@ class TrainingCore:
             )
         if base_model and base_model != manifest.base_model:
             raise invalid_argument(
-                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {base_model!r}"
+                f"checkpoint {manifest.name!r} is of base model {manifest.base_model!r}, not {echo(base_model)}"
             )
         base = self.model(manifest.base_model)
         self.sessions.check_capacity(owner)
@@ -510,138 +511,6 @@ class TrainingCore:
         )
         log.info("session %s resumed from %r at step %d", session.id, manifest.name, session.state.step)
         return session
-
-    # ---- restarts -----------------------------------------------------------------------
-
-    @property
-    def _saved_sessions_dir(self) -> Path:
-        """Where open sessions are saved at a graceful stop (hidden: never a checkpoint name)."""
-        return self.checkpoint_root / ".sessions"
-
-    def _journal(self, session: Session, *, open_: bool) -> None:
-        """Note that a session is open (or no longer), so a start after a crash can say what was lost."""
-        entry = self._saved_sessions_dir / "open" / f"{session.id}.json"
-        try:
-            if open_:
-                entry.parent.mkdir(parents=True, exist_ok=True)
-                record = {"session_id": session.id, "base_model": session.base.name, "created_at": session.created_at}
-                entry.write_text(json.dumps(record) + "\n")
-            else:
-                entry.unlink(missing_ok=True)
-        except OSError as exc:  # the journal only improves a message; never fail a call for it
-            log.warning("session journal: %s", exc)
-
-    async def save_open_sessions(self) -> list[str]:
-        """Save every open session so that the next start restores it (a graceful stop).
-
-        Each is saved like a STATE checkpoint (weights, AdamW state, step, RNG, gradients
-        accumulated since the last step) plus its id, owner and next sequence number, under
-        ``checkpoint_dir/.sessions``; all of it within ``session_save_timeout_s``.
-
-        Returns:
-            The ids of the sessions saved.
-        """
-        timeout_s = self.config.session_save_timeout_s
-        sessions = [s for s in self.sessions.all() if not s.closed]
-        saved: list[str] = []
-        if not sessions or timeout_s <= 0 or self.broken:
-            return saved
-
-        async def save_all() -> None:
-            for session in sessions:
-                try:
-                    await self._save_session(session)
-                except ServiceError as exc:
-                    log.warning("session %s could not be saved: %s", session.id, exc.message)
-                else:
-                    saved.append(session.id)
-
-        try:
-            await asyncio.wait_for(save_all(), timeout_s)
-        except TimeoutError:
-            log.warning(
-                "saving open sessions took over session_save_timeout_s=%gs; %d of %d saved",
-                timeout_s,
-                len(saved),
-                len(sessions),
-            )
-        log.info("saved %d open sessions for the next start: %s", len(saved), ", ".join(saved) or "-")
-        return saved
-
-    async def _save_session(self, session: Session) -> None:
-        root = self._saved_sessions_dir
-        final, tmp = root / session.id, root / f".{session.id}.tmp"
-        await asyncio.to_thread(shutil.rmtree, tmp, True)
-        tmp.mkdir(parents=True)
-        op = _ops.SaveCheckpoint(session.id, "state", torch.float32, str(tmp), session.base.name)
-        try:
-            await self.run_op(op)
-        finally:
-            snapshot = self.engine.snapshots.pop(op.directory, None)
-        if snapshot is not None:
-            await asyncio.to_thread(_export.write_snapshot, snapshot, tmp, None)
-        record = {
-            "session_id": session.id,
-            "owner": session.owner,
-            "base_model": session.base.name,
-            "next_seq": session.next_free_seq,
-            "created_at": session.created_at,
-        }
-        (tmp / "session.json").write_text(json.dumps(record, indent=2) + "\n")
-        await asyncio.to_thread(shutil.rmtree, final, True)
-        tmp.rename(final)
-        self._journal(session, open_=False)
-
-    def discard_open_sessions(self) -> None:
-        """At a stop that saves nothing: the open sessions end with the server, deliberately."""
-        sessions = self.sessions.all()
-        for session in sessions:
-            self._journal(session, open_=False)
-        if sessions:
-            log.info("stopping with %d open sessions, not saved: %s", len(sessions), ", ".join(s.id for s in sessions))
-
-    async def restore_saved_sessions(self) -> list[Session]:
-        """Restore the sessions saved at the last graceful stop; report those a crash lost.
-
-        A restored session keeps its id, owner, weights, optimizer state, step, pending
-        gradients and sequence numbers: its client reattaches by id (AttachSession) and
-        continues as if the server had never stopped. Its saved copy is removed once restored.
-        """
-        root = self._saved_sessions_dir
-        restored: list[Session] = []
-        saved = sorted(p.parent for p in root.glob("s-*/session.json")) if root.is_dir() else []
-        saved_ids = {d.name for d in saved}
-        for entry in sorted((root / "open").glob("*.json")) if (root / "open").is_dir() else []:
-            if entry.stem not in saved_ids:
-                log.warning(
-                    "session %s was open when the server last stopped without saving it (killed, or a crash): what it "
-                    "trained since its last STATE checkpoint is lost; resume from that checkpoint with "
-                    "create_training_client_from_state(NAME)",
-                    entry.stem,
-                )
-            entry.unlink(missing_ok=True)
-        for directory in saved:
-            record = json.loads((directory / "session.json").read_text())
-            base = self.models.get(record["base_model"])
-            if base is None:
-                log.warning(
-                    "saved session %s is of model %r, which this server does not serve; kept in %s",
-                    directory.name,
-                    record["base_model"],
-                    directory,
-                )
-                continue
-            session_id = str(record["session_id"])
-            await self.run_op(_ops.ResumeSession(session_id, base.name, str(directory.resolve())))
-            session = self.sessions.add(session_id, base, self.engine.sessions[session_id], str(record["owner"]))
-            session.next_seq = int(record["next_seq"])
-            session.created_at = float(record["created_at"])
-            session.restored = True
-            self._journal(session, open_=True)
-            await asyncio.to_thread(shutil.rmtree, directory, True)
-            restored.append(session)
-            log.info("session %s restored at step %d (next seq %d)", session.id, session.state.step, session.next_seq)
-        return restored
 
     # ---- leases ------------------------------------------------------------------------
 
@@ -758,7 +627,7 @@ class TrainingCore:
 
         async def run(session: Session, seq_call: SequencedCall) -> ForwardBackwardResult:
             if loss_fn not in LOSSES:
-                raise invalid_argument(f"unknown loss_fn {loss_fn!r}; built-in losses: {sorted(LOSSES)}")
+                raise invalid_argument(f"unknown loss_fn {echo(loss_fn)}; built-in losses: {sorted(LOSSES)}")
             batch = await self._parse(data, session)
             config = dict(loss_config)
             validate_loss(loss_fn, batch, config)  # refused before its turn, with no model work
@@ -1109,7 +978,7 @@ class TrainingCore:
         if session.closed:
             return
         await self.sessions.close(session)
-        self._journal(session, open_=False)
+        self.restarts.journal(session, open_=False)
         await self.sampler.wait_idle(_session_key(session))
         await self.run_op(_ops.CloseSession(session.id))
         log.info("session %s closed after %d optimizer steps", session.id, session.state.step)
@@ -1126,118 +995,6 @@ class TrainingCore:
             distributed_mode=self.cluster.mode,
             capabilities=list(CAPABILITIES),
             loss_functions=sorted(LOSSES),
-        )
-
-
-@dataclasses.dataclass(frozen=True)
-class CustomReplay:
-    """What a finished custom-loss call keeps for a retry: its logprobs, result and gradient fingerprint."""
-
-    forward: ForwardResult
-    result: CustomResult
-    final_fingerprint: bytes
-
-
-class HeldForward:
-    """A custom-loss call between its forward and its gradient; see :meth:`TrainingCore.forward_backward_custom`.
-
-    Attributes:
-        result: the forward's logprobs (to send to the client).
-        replay: for a retry of a finished call, what it stored (``finish`` then checks the
-            gradient is the same and answers with the stored result).
-    """
-
-    def __init__(
-        self,
-        core: TrainingCore,
-        session: Session,
-        call: SequencedCall,
-        result: ForwardResult,
-        *,
-        replay: CustomReplay | None = None,
-    ) -> None:
-        self._core = core
-        self._session = session
-        self._call = call
-        self.result = result
-        self.replay = replay
-        self.handle = 0
-        """The held graph's handle while it is held (0 once applied or for a replay)."""
-
-    async def receive(self, gradient: Awaitable[T]) -> T:
-        """Wait for the client's gradient (the front end's read of it) for at most ``held_graph_timeout_s``.
-
-        Raises:
-            ServiceError: DEADLINE_EXCEEDED when it does not arrive in time; the graph is then
-                released (when the block ends) and nothing is applied.
-        """
-        timeout_s = self._core.config.held_graph_timeout_s
-        try:
-            return await asyncio.wait_for(gradient, timeout_s)
-        except TimeoutError:
-            log.warning(
-                "session %s: call %d: no gradient within %gs; releasing its forward",
-                self._session.id,
-                self._call.seq,
-                timeout_s,
-            )
-            raise ServiceError(
-                ErrorCode.DEADLINE_EXCEEDED,
-                f"session {self._session.id}: call {self._call.seq}: the gradient did not arrive within "
-                f"held_graph_timeout_s={timeout_s:g}s of the logprobs; its forward graph was freed and nothing "
-                "was applied",
-            ) from None
-
-    async def finish(self, grad: torch.Tensor, final_fingerprint: bytes = b"") -> CustomResult:
-        """Apply d_loss/d_logprobs (flat float32, one per logprob): backward, gradients accumulate.
-
-        Args:
-            grad: the gradient, in the logprobs' layout.
-            final_fingerprint: the request's fingerprint including the gradient (tells a
-                retry that resends the same gradient from one that sends another).
-
-        Raises:
-            ServiceError: INVALID_ARGUMENT for a gradient of the wrong size or with a
-                non-finite value (nothing is applied); ALREADY_EXISTS when a retry of a
-                finished call sends a different gradient.
-        """
-        if self.replay is not None:
-            if final_fingerprint != self.replay.final_fingerprint:
-                raise ServiceError(
-                    ErrorCode.ALREADY_EXISTS,
-                    f"session {self._session.id}: call {self._call.seq} was already applied with a different gradient",
-                )
-            return self.replay.result
-        _check_gradient(grad, self.result.lengths)
-        call, core, session = self._call, self._core, self._session
-        await call.wait_turn(core.config.sequence_gap_timeout_s, queued=True)  # gradients accumulate in order
-        handle, self.handle = self.handle, 0  # from here the backward owns the graph
-
-        async def apply() -> CustomResult:
-            await core._backward(session, handle, grad)
-            result = CustomResult(call.seq, self.result.num_tokens)
-            session.record(call.seq, call.fingerprint, CustomReplay(self.result, result, final_fingerprint))
-            return result
-
-        return await call.commit(apply())
-
-
-def _check_gradient(grad: torch.Tensor, lengths: list[int]) -> None:
-    """Refuse a gradient whose size does not match the logprobs, or with a non-finite value."""
-    if grad.dim() != 1 or grad.numel() != sum(lengths):
-        raise invalid_argument(
-            f"gradient has shape {list(grad.shape)}, but the logprobs have {sum(lengths)} values "
-            f"in {len(lengths)} datums"
-        )
-    finite = torch.isfinite(grad)
-    if not bool(finite.all()):
-        index = int((~finite).nonzero()[0, 0])
-        datum, offset = 0, index
-        while offset >= lengths[datum]:
-            offset -= lengths[datum]
-            datum += 1
-        raise invalid_argument(
-            f"gradient contains {float(grad[index])} at datum {datum}, position {offset}; nothing was applied"
         )
 
 

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from trainer_server._engine import SessionModel
 from trainer_server._models import BaseModel
-from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found, resource_exhausted
+from trainer_server.core.errors import ErrorCode, ServiceError, echo, invalid_argument, not_found, resource_exhausted
 
 __all__ = [
     "MAX_SEQ_LOOKAHEAD",
@@ -417,7 +417,7 @@ class SessionRegistry:
             raise invalid_argument("call.session_id is required")
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise not_found(f"session {session_id!r} does not exist (closed, or never created on this server)")
+            raise not_found(f"session {echo(session_id)} does not exist (closed, or never created on this server)")
         return session
 
     def find(self, session_id: str, owner: str = "") -> Session | None:

@@ -27,7 +27,15 @@ from trainer_server._checkpoints import MANIFEST, Manifest
 from trainer_server._config import ServerConfig
 from trainer_server._models import BaseModel
 from trainer_server._sampling import Sample, SampleRequest, SampleResult, SamplingSettings
-from trainer_server.core.errors import ErrorCode, ServiceError, invalid_argument, not_found, resource_exhausted
+from trainer_server.core.errors import (
+    ErrorCode,
+    ServiceError,
+    cap_message,
+    echo,
+    invalid_argument,
+    not_found,
+    resource_exhausted,
+)
 from trainer_server.core.service import TrainingCore
 from trainer_server.core.sessions import Session
 from trainer_server.core.types import (
@@ -82,7 +90,7 @@ def translate_errors(handler: _Handler[_Servicer]) -> _Handler[_Servicer]:
             code, message = grpc.StatusCode.INTERNAL, f"{name}: internal error; see the server log"
         if streaming:
             await _drain(context)
-        await context.abort(code, message)
+        await context.abort(code, cap_message(message))
 
     return wrapper
 
@@ -522,11 +530,11 @@ class TrainerServicer(pb_grpc.TrainerServiceServicer):
             manifest.file(request.file)  # NOT_FOUND for a file the manifest does not list
         path = store.path(request.name) / request.file
         if not path.is_file():
-            raise ServiceError(ErrorCode.DATA_LOSS, f"checkpoint {request.name!r}: {request.file} is missing")
+            raise ServiceError(ErrorCode.DATA_LOSS, f"checkpoint {echo(request.name)}: {echo(request.file)} is missing")
         size = path.stat().st_size
         if not 0 <= request.offset <= size:
             raise ServiceError(
-                ErrorCode.OUT_OF_RANGE, f"offset {request.offset} is outside {request.file} ({size} bytes)"
+                ErrorCode.OUT_OF_RANGE, f"offset {request.offset} is outside {echo(request.file)} ({size} bytes)"
             )
         step = self.core.config.limits.chunk_bytes
         with path.open("rb") as f:

@@ -12,7 +12,7 @@ Calling contract (what an implementation may rely on):
 - Calls on one training model never overlap: the front end awaits each call before it
   starts the next one on that model, in ``seq_id`` order. Calls on different models and
   sampling calls may run concurrently.
-- ``owner`` is the caller's owner id (``trainer_server._auth.owner_id`` of the API key,
+- ``owner`` is the caller's owner id (``trainer_server.frontends.grpc_auth.owner_id`` of the API key,
   ``""`` with auth off). A model or checkpoint of another owner must look absent
   (:class:`NotFound`), never forbidden.
 - Failures are raised as :class:`BackendError` subclasses; their message reaches the
