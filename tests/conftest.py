@@ -41,8 +41,24 @@ LEFTOVER_GRACE_S = 10.0
 """How long processes still stopping at the end of the session get before they count as left behind."""
 
 
+SLOW_MODULES = {
+    "test_crashing_clients": "30 client processes killed at random points; server restarts",
+    "test_distributed": "2-process servers under accelerate launch",
+    "test_docs": "every README/docs block, some starting servers of their own",
+    "test_gpu": "GPU comparisons (skip without CUDA)",
+}
+"""Test modules marked ``slow``: ``scripts/run-tests.sh -m "not slow"`` is the fast lane."""
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault(RUN_TAG, f"{os.getpid()}-{uuid.uuid4().hex}")  # before any test starts a process
+    config.addinivalue_line("markers", "slow: multi-process, subprocess-heavy or doc-wide tests (see SLOW_MODULES)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def _started_by_tests() -> list[psutil.Process]:
