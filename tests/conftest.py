@@ -42,6 +42,7 @@ LEFTOVER_GRACE_S = 10.0
 
 
 SLOW_MODULES = {
+    "test_bench": "the benchmark's quick mode, with two server processes",
     "test_crashing_clients": "30 client processes killed at random points; server restarts",
     "test_distributed": "2-process servers under accelerate launch",
     "test_docs": "every README/docs block, some starting servers of their own",
