@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer_client import AsyncServiceClient
 from trainer_server import Limits, ServerConfig, TrainerServer
@@ -88,6 +89,7 @@ def test_server_process_applies_the_default_torch_threads(llama_dir: Path, tmp_p
     cmd = [sys.executable, "-m", "trainer_server", "--port", "0", "--device", "cpu", "--model", f"m={llama_dir}"]
     cmd += ["--checkpoint-dir", str(tmp_path / "ck")]
     env = dict(os.environ, TRAINER_API_KEYS="")
+    env.pop("OMP_NUM_THREADS", None)  # set, it is the user's choice and the default stays out of the way
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines = []
     try:
@@ -101,3 +103,19 @@ def test_server_process_applies_the_default_torch_threads(llama_dir: Path, tmp_p
         proc.wait(30)
     expected = default_torch_threads("cpu", len(os.sched_getaffinity(0)))
     assert any(f"torch CPU threads: {expected} (default" in line for line in lines), "\n".join(lines)
+
+
+def test_omp_num_threads_in_the_environment_is_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    from trainer_server.__main__ import _set_torch_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        _set_torch_threads(None, "cpu")
+        assert torch.get_num_threads() == 2  # not lowered: the user asked for 2
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        _set_torch_threads(None, "cpu")
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+    finally:
+        torch.set_num_threads(before)

@@ -45,7 +45,7 @@ def _model_arg(value: str) -> tuple[str, Path]:
 
 
 def default_torch_threads(device_type: str, cpus: int, processes_per_node: int = 1) -> int | None:
-    """Torch CPU threads when ``--torch-threads`` is not given; None leaves torch's choice.
+    """Torch CPU threads when ``--torch-threads`` (and ``OMP_NUM_THREADS``) is not given; None leaves torch's choice.
 
     On a CPU device torch's choice is one OpenMP thread per core, and OpenMP threads busy-wait
     at every barrier. The server's event loop needs a core too, most of all when a client
@@ -124,7 +124,8 @@ def _parse(argv: list[str] | None) -> tuple[ServerConfig, int | None]:
         type=int,
         default=None,
         help="torch CPU threads (default on a CPU device: one fewer than the cores this process may use, at "
-        "least 1, so the event loop keeps a core; on a GPU: torch's choice). See docs/PERFORMANCE.md",
+        "least 1, so the event loop keeps a core, unless OMP_NUM_THREADS is set; on a GPU: torch's choice). "
+        "See docs/PERFORMANCE.md",
     )
     parser.add_argument(
         "--cluster-timeout",
@@ -223,7 +224,7 @@ def _set_torch_threads(explicit: int | None, device_type: str) -> None:
     import torch
 
     threads = explicit
-    if threads is None:
+    if threads is None and not os.environ.get("OMP_NUM_THREADS"):  # an explicit OpenMP setting is the user's
         processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         threads = default_torch_threads(device_type, _usable_cpus(), processes)
     if threads is not None:
