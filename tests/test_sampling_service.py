@@ -107,3 +107,23 @@ async def test_training_of_another_session_runs_while_one_samples(service: Async
     assert steps == 3 and not long.done(), "training waited for the whole sampling batch"
     outs = await long
     assert all(len(o.sequences) == 4 for o in outs)
+
+
+async def test_prompt_top_logprobs(service: AsyncServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=LLAMA)
+    prompt = PROMPTS[7] + [31, 8, 12]
+    out = await sampler.sample(
+        prompt, 1, SamplingParams(max_tokens=2, seed=0), include_prompt_logprobs=True, topk_prompt_logprobs=3
+    )
+    top, lp = out.prompt_top_logprobs, out.prompt_logprobs
+    assert top is not None and lp is not None
+    assert tuple(top.token_ids.shape) == tuple(top.logprobs.shape) == (len(prompt) - 1, 3)
+    assert bool((top.logprobs[:, :-1] >= top.logprobs[:, 1:]).all())  # most likely first
+    assert bool((top.logprobs[:, 0] >= lp - 1e-6).all())  # nothing beats the most likely token
+    for i, token in enumerate(prompt[1:]):  # where the prompt's token is among the top 3, its logprob matches
+        hits = (top.token_ids[i] == token).nonzero()
+        if len(hits):
+            torch.testing.assert_close(top.logprobs[i, int(hits[0, 0])], lp[i], atol=1e-5, rtol=1e-5)
+    (multi,) = await sampler.sample_many([(prompt, 1)], SamplingParams(max_tokens=2, seed=0), topk_prompt_logprobs=3)
+    assert multi.prompt_top_logprobs is not None
+    assert torch.equal(multi.prompt_top_logprobs.token_ids, top.token_ids)
