@@ -126,8 +126,11 @@ async def test_thirty_clients_killed_at_random_points_leak_nothing(llama_dir: Pa
     ):
         rss = psutil.Process(proc.pid)
         async with AsyncServiceClient(address) as service:
-            # Warm-up: one client's whole life, so the baseline includes what any session leaves.
-            await asyncio.to_thread(run_client_until_killed, address, random.Random(-1))
+            # Warm-up: a batch of five concurrent clients' whole lives (as the trials run them), so the
+            # baseline includes the buffers and allocator pools that five at once need.
+            await asyncio.gather(
+                *(asyncio.to_thread(run_client_until_killed, address, random.Random(-i)) for i in range(1, 6))
+            )
             await wait_for_no_sessions(service, ttl)
             baseline = rss.memory_info().rss
             rng = random.Random(1234)
